@@ -1,0 +1,5 @@
+import sys
+
+from forklb.cli import main
+
+sys.exit(main())

@@ -1,0 +1,346 @@
+"""The directive table: every directive forklb knows, declared once.
+
+Like nginx's ``ngx_command_t`` arrays, each :class:`Spec` says where a
+directive may appear, how many arguments it takes, whether it opens a block and
+what type its value has.  The value type is a configobj ``validate`` check
+string; :mod:`forklb.config.loader` turns each block of the parsed tree into a
+configobj section and validates it against a configspec generated from this
+table, so conversion and defaults live here and nowhere else.
+
+Check functions take the arguments of one occurrence of a directive: a string
+when the directive takes at most one argument, otherwise a list of strings.
+They raise :class:`DirectiveError` with nginx's wording.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass
+
+from validate import ValidateError, Validator
+
+MAIN, EVENTS, HTTP, UPSTREAM, SERVER, LOCATION, TYPES = (
+    "main", "events", "http", "upstream", "server", "location", "types",
+)
+ANY = None  # no upper bound on the number of arguments
+
+
+@dataclass(frozen=True, slots=True)
+class Spec:
+    """How one directive is written and what its value is."""
+
+    name: str
+    contexts: frozenset[str]
+    min_args: int
+    max_args: int | None
+    check: str | None = None  # configobj check for one occurrence's value
+    block: str | None = None  # context of the children, for block directives
+    multiple: bool = False  # may appear more than once in the same block
+    inherit: bool = False  # flows from http to server to location unless set there
+
+    @property
+    def scalar(self) -> bool:
+        """True when one occurrence's value is a string, not a list."""
+        return self.max_args == 1
+
+
+def _spec(name: str, contexts, nargs: int | tuple[int, int | None], check: str | None = None,
+          **kw) -> Spec:
+    """``nargs`` is an exact count or ``(min, max)`` with ``max=ANY`` for no bound."""
+    lo, hi = (nargs, nargs) if isinstance(nargs, int) else nargs
+    return Spec(name, frozenset(contexts), lo, hi, check, **kw)
+
+
+_HTTP_LEVELS = (HTTP, SERVER, LOCATION)
+
+TABLE: tuple[Spec, ...] = (
+    # main context
+    _spec("worker_processes", [MAIN], 1, check="workers(default=1)"),
+    _spec("pid", [MAIN], 1, check="string(default=logs/forklb.pid)"),
+    _spec("error_log", [MAIN], (1, 2), check="error_log(default=list('logs/error.log', 'error'))"),
+    _spec("daemon", [MAIN], 1, check="flag(default=off)"),
+    _spec("worker_shutdown_timeout", [MAIN], 1, check="time(default=30s)"),
+    _spec("events", [MAIN], 0, block=EVENTS),
+    _spec("http", [MAIN], 0, block=HTTP),
+    # events
+    _spec("worker_connections", [EVENTS], 1, check="integer(min=1, default=512)"),
+    # http
+    _spec("types", [HTTP, SERVER, LOCATION], 0, block=TYPES),
+    _spec("default_type", _HTTP_LEVELS, 1, check="string(default=text/plain)", inherit=True),
+    _spec("log_format", [HTTP], (2, ANY), check="log_format()", multiple=True),
+    _spec("access_log", _HTTP_LEVELS, (1, 2), check="access_log()", multiple=True, inherit=True),
+    _spec("keepalive_timeout", _HTTP_LEVELS, (1, 2), check="keepalive_timeout(default=75s)",
+          inherit=True),
+    _spec("upstream", [HTTP], 1, block=UPSTREAM, multiple=True),
+    _spec("server", [HTTP], 0, block=SERVER, multiple=True),
+    # upstream
+    _spec("server", [UPSTREAM], (1, ANY), check="upstream_server()", multiple=True),
+    _spec("keepalive", [UPSTREAM], 1, check="integer(min=0, default=32)"),
+    # server
+    _spec("listen", [SERVER], (1, ANY), check="listen()", multiple=True),
+    _spec("server_name", [SERVER], (1, ANY), check="string_list(default=list(''))"),
+    _spec("location", [SERVER], (1, 2), check="location()", block=LOCATION, multiple=True),
+    _spec("root", _HTTP_LEVELS, 1, check="string(default=html)", inherit=True),
+    _spec("index", _HTTP_LEVELS, (1, ANY), check="string_list(default=list('index.html'))",
+          inherit=True),
+    # location
+    _spec("proxy_pass", [LOCATION], 1, check="proxy_url(default=None)"),
+    _spec("proxy_set_header", _HTTP_LEVELS, 2, check="string_list(min=2, max=2)",
+          multiple=True, inherit=True),
+    _spec("proxy_connect_timeout", _HTTP_LEVELS, 1, check="time(default=60s)", inherit=True),
+    _spec("proxy_read_timeout", _HTTP_LEVELS, 1, check="time(default=60s)", inherit=True),
+    _spec("proxy_send_timeout", _HTTP_LEVELS, 1, check="time(default=60s)", inherit=True),
+)
+
+# "include" is expanded by the parser in every context; it is listed so the
+# table is the complete answer to "what does forklb accept".
+INCLUDE = _spec("include", [MAIN, EVENTS, HTTP, UPSTREAM, SERVER, LOCATION, TYPES], 1)
+
+
+def specs_named(name: str) -> list[Spec]:
+    """All specs for ``name`` (``server`` has two: a block and an upstream entry)."""
+    return _BY_NAME.get(name, [])
+
+
+def specs_in(context: str) -> list[Spec]:
+    """The specs of directives allowed in ``context``."""
+    return [s for s in TABLE if context in s.contexts]
+
+
+_BY_NAME: dict[str, list[Spec]] = {}
+for _s in (*TABLE, INCLUDE):
+    _BY_NAME.setdefault(_s.name, []).append(_s)
+
+
+# -- value checks -----------------------------------------------------------
+
+class DirectiveError(ValidateError):
+    """A bad value; ``message`` is worded as nginx words it (without location)."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+        self.index: int | None = None  # which occurrence, for multiple directives
+
+
+_TIME_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800,
+               "M": 2592000, "y": 31536000}
+_TIME_RE = re.compile(r"(\d+)(ms|s|m|h|d|w|M|y)?")
+_SIZE_RE = re.compile(r"(\d+)([kKmMgG]?)")
+_SIZE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
+LOG_LEVELS = ("debug", "info", "notice", "warn", "error", "crit", "alert", "emerg")
+
+
+def parse_time(text: str) -> float:
+    """nginx time (``500ms``, ``1m30s``, bare seconds) in seconds."""
+    pos, total = 0, 0.0
+    text = text.strip()
+    if not text:
+        raise DirectiveError("invalid value")
+    while pos < len(text):
+        m = _TIME_RE.match(text, pos)
+        if not m:
+            raise DirectiveError("invalid value")
+        total += int(m.group(1)) * _TIME_UNITS[m.group(2) or "s"]
+        pos = m.end()
+    return total
+
+
+def parse_size(text: str) -> int:
+    """nginx size (``512``, ``8k``, ``1m``) in bytes."""
+    m = _SIZE_RE.fullmatch(text)
+    if not m:
+        raise DirectiveError("invalid value")
+    return int(m.group(1)) * _SIZE_UNITS[m.group(2).lower()]
+
+
+def parse_address(text: str, default_port: int | None) -> tuple[str, int | None]:
+    """Split ``host[:port]`` / ``[v6][:port]`` / ``port`` / ``*:port``."""
+    host, port = text, None
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0:
+            raise DirectiveError(f'invalid host in "{text}"')
+        host, rest = text[1:end], text[end + 1:]
+        if rest:
+            if not rest.startswith(":"):
+                raise DirectiveError(f'invalid host in "{text}"')
+            port = rest[1:]
+    elif text.isdigit():
+        host, port = "", text
+    elif ":" in text:
+        host, port = text.rsplit(":", 1)
+    if port is not None:
+        if not port.isdigit() or not 1 <= int(port) <= 65535:
+            raise DirectiveError(f'invalid port in "{text}"')
+        return host, int(port)
+    return host, default_port
+
+
+def _flag(value, default=None):
+    if value not in ("on", "off"):
+        raise DirectiveError(f'invalid value "{value}" in "{{directive}}" directive, '
+                             'it must be "on" or "off"')
+    return value == "on"
+
+
+def _time(value):
+    try:
+        return parse_time(value)
+    except DirectiveError:
+        raise DirectiveError(f'"{{directive}}" directive invalid value "{value}"') from None
+
+
+def _workers(value):
+    if value == "auto":
+        return None
+    if not value.isdigit() or int(value) < 1:
+        raise DirectiveError(f'invalid value "{value}" in "{{directive}}" directive')
+    return int(value)
+
+
+def _error_log(value):
+    path = value[0]
+    level = value[1] if len(value) > 1 else "error"
+    if level not in LOG_LEVELS:
+        raise DirectiveError(f'invalid log level "{level}"')
+    return (path, level)
+
+
+def _keepalive_timeout(value):
+    first = value[0] if isinstance(value, list) else value
+    return _time(first)
+
+
+def _log_format(value):
+    name, *parts = value
+    if parts and parts[0].startswith("escape="):
+        parts = parts[1:]
+    return (name, "".join(parts))
+
+
+def _access_log(value):
+    value = [value] if isinstance(value, str) else value
+    path = value[0]
+    if path == "off":
+        return None
+    return (path, value[1] if len(value) > 1 else "combined")
+
+
+def _upstream_server(value):
+    value = [value] if isinstance(value, str) else value
+    address, *params = value
+    if address.startswith("unix:"):
+        raise DirectiveError(f'unix socket upstream "{address}" is not supported')
+    host, port = parse_address(address, 80)
+    if not host:
+        raise DirectiveError(f'no host in upstream "{address}"')
+    weight = 1
+    for param in params:
+        name, eq, arg = param.partition("=")
+        if name == "weight" and eq and arg.isdigit() and int(arg) >= 1:
+            weight = int(arg)
+        else:
+            raise DirectiveError(f'invalid parameter "{param}"')
+    return (address, host, port, weight)
+
+
+def _listen(value):
+    value = [value] if isinstance(value, str) else value
+    address, *params = value
+    host, port = parse_address(address, 80)
+    if host in ("", "*"):
+        host = "0.0.0.0"
+    elif host != "localhost":
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            raise DirectiveError(f'host not found in "{address}" of the "listen" directive'
+                                 ) from None
+    else:
+        host = "127.0.0.1"
+    default_server, backlog = False, 511
+    for param in params:
+        if param in ("default_server", "default"):
+            default_server = True
+        elif param.startswith("backlog=") and param[8:].lstrip("-").isdigit():
+            backlog = int(param[8:])
+        else:
+            raise DirectiveError(f'invalid parameter "{param}"')
+    return (host, port, default_server, backlog)
+
+
+def _location(value):
+    if len(value) == 1:
+        return ("", value[0])
+    modifier, pattern = value
+    if modifier not in ("=", "^~", "~", "~*"):
+        raise DirectiveError(f'invalid location modifier "{modifier}"')
+    return (modifier, pattern)
+
+
+def _proxy_url(value):
+    lower = value.lower()
+    if lower.startswith("https://"):
+        raise DirectiveError("https upstreams are not supported yet")
+    if not lower.startswith("http://"):
+        raise DirectiveError(f'invalid URL prefix in "{value}"')
+    rest = value[7:]
+    slash = rest.find("/")
+    authority, uri = (rest, None) if slash < 0 else (rest[:slash], rest[slash:])
+    if not authority:
+        raise DirectiveError(f'no host in "{value}"')
+    host, port = parse_address(authority, None)
+    return (authority, host, port, uri)
+
+
+def _occurrences(validator: Validator):
+    """``each("check")``: validate every occurrence of a multiple directive."""
+
+    def each(value, inner, default=None):
+        if value is None or isinstance(value, str):  # absent: no occurrences
+            return []
+        out = []
+        for i, occurrence in enumerate(value):
+            try:
+                out.append(validator.check(inner, occurrence))
+            except DirectiveError as e:
+                e.index = i
+                raise
+        return out
+
+    return each
+
+
+def make_validator() -> Validator:
+    """A configobj Validator that knows forklb's value types."""
+    v = Validator({
+        "flag": _flag, "time": _time, "workers": _workers, "error_log": _error_log,
+        "keepalive_timeout": _keepalive_timeout, "log_format": _log_format,
+        "access_log": _access_log, "upstream_server": _upstream_server, "listen": _listen,
+        "location": _location, "proxy_url": _proxy_url,
+        "size": _size,
+    })
+    v.functions["each"] = _occurrences(v)
+    return v
+
+
+def _size(value):
+    try:
+        return parse_size(value)
+    except DirectiveError:
+        raise DirectiveError(f'"{{directive}}" directive invalid value "{value}"') from None
+
+
+def configspec_for(context: str) -> dict[str, str]:
+    """The configspec (as a dict) of one block of ``context``."""
+    spec: dict[str, str] = {}
+    for s in specs_in(context):
+        if s.check is None:
+            continue
+        if s.multiple:
+            spec[s.name] = f'each("{s.check}", default=list())'
+        else:
+            spec[s.name] = s.check
+    return spec

@@ -1,0 +1,384 @@
+"""From a config file to a :class:`forklb.model.Config`.
+
+Three passes, each with one job:
+
+1. :class:`~forklb.config.parser.Parser` reads files into a directive tree.
+2. :func:`check_tree` walks the tree against the directive table (unknown,
+   misplaced, wrong arity, duplicate, block or not) and validates every
+   block's values with configobj against a configspec generated from the
+   table.  The result is a tree of :class:`Block` objects holding converted
+   values with defaults filled in.
+3. :func:`build` resolves names (upstreams, log formats, host names),
+   applies nginx's inheritance (http -> server -> location) and creates the
+   immutable model.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+from configobj import ConfigObj, flatten_errors
+
+from forklb.config import directives as D
+from forklb.config.errors import ConfigError
+from forklb.config.parser import Directive, Parser
+from forklb.http.variables import Template, UnknownVariable, compile_template
+from forklb.model import (
+    AccessLog,
+    Config,
+    Http,
+    Listen,
+    Location,
+    LogFormat,
+    Main,
+    ProxyPass,
+    Server,
+    Upstream,
+    UpstreamServer,
+)
+
+COMBINED = ('$remote_addr - $remote_user [$time_local] "$request" $status $body_bytes_sent '
+            '"$http_referer" "$http_user_agent"')
+
+
+@dataclass
+class Block:
+    """One checked block: converted values plus the nested blocks in order."""
+
+    context: str
+    values: dict[str, Any]
+    explicit: set[str]  # directives written in this block (not defaults)
+    where: dict[str, list[Directive]]  # directive name -> its occurrences
+    children: list[tuple[Directive, Block]] = field(default_factory=list)
+    mime_types: dict[str, str] = field(default_factory=dict)  # for "types" blocks
+
+    def blocks(self, name: str) -> list[tuple[Directive, Block]]:
+        return [(d, b) for d, b in self.children if d.name == name]
+
+
+def load(path: str, prefix: str | None = None, extra: str | None = None) -> Config:
+    """Read, check and build the configuration at ``path``.
+
+    ``prefix`` is the directory relative paths in the config resolve against
+    (default: the current directory).  ``extra`` holds ``-g`` directives.
+    Raises :class:`ConfigError` on any problem.
+    """
+    prefix = os.path.abspath(prefix or os.getcwd())
+    full = path if os.path.isabs(path) else os.path.join(prefix, path)
+    parser = Parser(conf_dir=os.path.dirname(full))
+    tree = []
+    if extra:
+        tree.extend(parser.parse_text(extra, "command line"))
+    tree.extend(parser.parse_file(full, display=path))
+    root = check_tree(tree, D.MAIN)
+    return build(root, path, prefix, tuple(parser.files))
+
+
+# -- pass 2: the directive table and configobj validation ---------------------
+
+_VALIDATOR = D.make_validator()
+_CONFIGSPECS: dict[str, ConfigObj] = {}
+
+
+def _configspec(context: str) -> ConfigObj:
+    if context not in _CONFIGSPECS:
+        _CONFIGSPECS[context] = ConfigObj(
+            D.configspec_for(context), list_values=False, _inspec=True, interpolation=False
+        )
+    return _CONFIGSPECS[context]
+
+
+def _table_spec(d: Directive, context: str) -> D.Spec:
+    specs = D.specs_named(d.name)
+    if not specs:
+        raise ConfigError(f'unknown directive "{d.name}"', d.file, d.line)
+    allowed = [s for s in specs if context in s.contexts]
+    if not allowed:
+        raise ConfigError(f'"{d.name}" directive is not allowed here', d.file, d.line)
+    s = allowed[0]
+    if s.block and d.children is None:
+        raise ConfigError(f'directive "{d.name}" has no opening "{{"', d.file, d.line)
+    if not s.block and d.children is not None:
+        raise ConfigError(f'directive "{d.name}" is not terminated by ";"', d.file, d.line)
+    n = len(d.args)
+    if n < s.min_args or (s.max_args is not None and n > s.max_args):
+        raise ConfigError(f'invalid number of arguments in "{d.name}" directive', d.file, d.line)
+    return s
+
+
+def check_tree(directives: list[Directive], context: str) -> Block:
+    """Check ``directives`` (the inside of one ``context`` block) recursively."""
+    if context == D.TYPES:
+        return _check_types(directives)
+    raw: dict[str, Any] = {}
+    where: dict[str, list[Directive]] = {}
+    block = Block(context, {}, set(), where)
+    for d in directives:
+        s = _table_spec(d, context)
+        if d.name in where and not s.multiple:
+            raise ConfigError(f'"{d.name}" directive is duplicate', d.file, d.line)
+        where.setdefault(d.name, []).append(d)
+        if s.check is not None:
+            value = d.args[0].text if s.scalar else list(d.values)
+            if s.multiple:
+                raw.setdefault(d.name, []).append(value)
+            else:
+                raw[d.name] = value
+        if s.block:
+            block.children.append((d, check_tree(list(d.children or ()), s.block)))
+    section = ConfigObj(raw, configspec=_configspec(context), interpolation=False)
+    result = section.validate(_VALIDATOR, preserve_errors=True)
+    if result is not True:
+        for _path, key, error in flatten_errors(section, result):
+            _raise_value_error(key, error, where)
+    block.values = dict(section)
+    block.explicit = set(raw)
+    return block
+
+
+def _raise_value_error(key: str, error: Any, where: dict[str, list[Directive]]) -> None:
+    occurrences = where.get(key, [])
+    index = getattr(error, "index", None) or 0
+    d = occurrences[index] if occurrences else None
+    file, line = (d.file, d.line) if d else (None, None)
+    if isinstance(error, D.DirectiveError):
+        raise ConfigError(error.message.replace("{directive}", key), file, line)
+    arg = " ".join(d.values) if d else ""
+    reason = str(error).rstrip(".")
+    raise ConfigError(f'invalid value "{arg}" in "{key}" directive: {reason}', file, line)
+
+
+def _check_types(directives: list[Directive]) -> Block:
+    block = Block(D.TYPES, {}, set(), {})
+    for d in directives:
+        if d.children is not None or not d.args:
+            raise ConfigError(f'invalid number of arguments in "{d.name}" directive',
+                              d.file, d.line)
+        for ext in d.values:
+            block.mime_types[ext.lower()] = d.name
+    return block
+
+
+# -- pass 3: names, inheritance, model ---------------------------------------
+
+def _fail(message: str, d: Directive) -> ConfigError:
+    return ConfigError(message, d.file, d.line)
+
+
+class _Builder:
+    def __init__(self, root: Block, path: str, prefix: str):
+        self.root = root
+        self.path = path
+        self.prefix = prefix
+        self.log_formats: dict[str, LogFormat] = {"combined": self._log_format("combined",
+                                                                                 COMBINED, None)}
+        self.upstreams: dict[str, Upstream] = {}
+        self.upstream_where: dict[str, Directive] = {}
+
+    def abs(self, path: str) -> str:
+        if path == "stderr" or os.path.isabs(path):
+            return path
+        return os.path.normpath(os.path.join(self.prefix, path))
+
+    def _template(self, text: str, d: Directive | None) -> Template:
+        try:
+            return compile_template(text)
+        except UnknownVariable as e:
+            raise ConfigError(str(e), d.file if d else None, d.line if d else None) from None
+
+    def _log_format(self, name: str, text: str, d: Directive | None) -> LogFormat:
+        return LogFormat(name, self._template(text, d))
+
+    def main(self) -> Main:
+        v = self.root.values
+        events = self.root.blocks("events")
+        if not events:
+            raise ConfigError('no "events" section in configuration', None)
+        ev = events[0][1].values
+        error_path, level = v["error_log"]
+        return Main(
+            worker_processes=v["worker_processes"],
+            worker_connections=ev["worker_connections"],
+            worker_shutdown_timeout=v["worker_shutdown_timeout"],
+            pid=self.abs(v["pid"]),
+            error_log=self.abs(error_path),
+            error_log_level=level,
+            daemon=v["daemon"],
+        )
+
+    def http(self) -> Http:
+        blocks = self.root.blocks("http")
+        if not blocks:
+            return Http((), MappingProxyType({}), MappingProxyType({}), "text/plain")
+        http = blocks[0][1]
+        mime: dict[str, str] = {}
+        for _d, t in http.blocks("types"):
+            mime.update(t.mime_types)
+        for d, (name, text) in zip(http.where.get("log_format", []), http.values["log_format"],
+                                   strict=True):
+            if name in self.log_formats and name != "combined":
+                raise _fail(f'duplicate "log_format" name "{name}"', d)
+            self.log_formats[name] = self._log_format(name, text, d)
+        for d, b in http.blocks("upstream"):
+            self.upstream(d, b)
+        servers = tuple(self.server(d, b, http.values) for d, b in http.blocks("server"))
+        self._check_default_servers(servers)
+        return Http(servers, MappingProxyType(dict(self.upstreams)), MappingProxyType(mime),
+                    http.values["default_type"])
+
+    def upstream(self, d: Directive, b: Block) -> None:
+        name = d.args[0].text
+        if name in self.upstreams:
+            raise _fail(f'duplicate upstream "{name}"', d)
+        entries = b.values["server"]
+        if not entries:
+            raise _fail("no servers are inside upstream", d)
+        servers = []
+        for sd, (written, host, port, weight) in zip(b.where["server"], entries, strict=True):
+            for addr in self._resolve(host, port, written, sd):
+                servers.append(UpstreamServer(written, addr, weight))
+        self.upstreams[name] = Upstream(name, tuple(servers), b.values["keepalive"])
+        self.upstream_where[name] = d
+
+    def _resolve(self, host: str, port: int, written: str, d: Directive) -> list[tuple[str, int]]:
+        try:
+            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except (socket.gaierror, UnicodeError):
+            raise _fail(f'host not found in upstream "{written}"', d) from None
+        out: list[tuple[str, int]] = []
+        for info in infos:
+            addr = (info[4][0], info[4][1])
+            if addr not in out:
+                out.append(addr)
+        return out
+
+    def _inherit(self, block: Block, parent: dict[str, Any]) -> dict[str, Any]:
+        """nginx's merge: a value not written at this level comes from the parent."""
+        merged = dict(block.values)
+        for s in D.specs_in(block.context):
+            if s.inherit and s.name not in block.explicit and s.name in parent:
+                merged[s.name] = parent[s.name]
+        return merged
+
+    def server(self, d: Directive, b: Block, http_values: dict[str, Any]) -> Server:
+        values = self._inherit(b, http_values)
+        listens = tuple(Listen(h, p, ds, bl) for h, p, ds, bl in values["listen"]) or (
+            Listen("0.0.0.0", 80),)
+        names = tuple(n.lower() for n in values["server_name"])
+        locations = [
+            self._location_from(modifier, pattern, lb, self._inherit(lb, values), ld)
+            for (ld, lb), (modifier, pattern) in zip(b.blocks("location"), values["location"],
+                                                     strict=True)
+        ]
+        # Requests no location matches are served at server level, as in nginx.
+        locations.append(self._location_from("", "", None, values, d))
+        return Server(listens, names, tuple(locations), values["keepalive_timeout"],
+                      d.file, d.line)
+
+    def _location_from(self, modifier: str, pattern: str, b: Block | None,
+                       values: dict[str, Any], d: Directive) -> Location:
+        proxy = None
+        if b is not None and "proxy_pass" in b.explicit:
+            proxy = self._proxy_pass(values["proxy_pass"], b.where["proxy_pass"][0], modifier)
+        regex = None
+        if modifier in ("~", "~*"):
+            try:
+                regex = re.compile(pattern, re.IGNORECASE if modifier == "~*" else 0)
+            except re.error as e:
+                raise _fail(f'invalid regular expression "{pattern}": {e}', d) from None
+        headers = self._headers(values["proxy_set_header"], b, d)
+        return Location(
+            modifier=modifier,
+            pattern=pattern,
+            proxy=proxy,
+            proxy_set_header=headers,
+            proxy_connect_timeout=values["proxy_connect_timeout"],
+            proxy_read_timeout=values["proxy_read_timeout"],
+            proxy_send_timeout=values["proxy_send_timeout"],
+            root=self.abs(values["root"]),
+            index=tuple(values["index"]),
+            keepalive_timeout=values["keepalive_timeout"],
+            access_log=self._access_logs(values["access_log"], d),
+            default_type=values["default_type"],
+            regex=regex,
+            file=d.file,
+            line=d.line,
+        )
+
+    def _headers(self, pairs: list[list[str]], b: Block | None,
+                 d: Directive) -> tuple[tuple[str, Template], ...]:
+        where = b.where.get("proxy_set_header", []) if b else []
+        out = []
+        for i, (name, value) in enumerate(pairs):
+            at = where[i] if i < len(where) else d
+            out.append((name, self._template(value, at)))
+        return tuple(out)
+
+    def _access_logs(self, entries: list[Any], d: Directive) -> tuple[AccessLog, ...]:
+        if not entries:
+            entries = [("logs/access.log", "combined")]
+        logs = []
+        for entry in entries:
+            if entry is None:  # access_log off
+                return ()
+            path, fmt = entry
+            if fmt not in self.log_formats:
+                raise _fail(f'unknown log format "{fmt}"', self._access_log_where(fmt, d))
+            logs.append(AccessLog(self.abs(path), self.log_formats[fmt]))
+        return tuple(logs)
+
+    def _access_log_where(self, fmt: str, d: Directive) -> Directive:
+        # The access_log line naming the format is the most useful location;
+        # it lives somewhere under the http block.
+        def walk(block: Block) -> Directive | None:
+            for occ in block.where.get("access_log", []):
+                if len(occ.args) > 1 and occ.args[1].text == fmt:
+                    return occ
+            for _cd, child in block.children:
+                found = walk(child)
+                if found:
+                    return found
+            return None
+
+        return walk(self.root) or d
+
+    def _proxy_pass(self, value: tuple, d: Directive, modifier: str) -> ProxyPass:
+        authority, host, port, uri = value
+        if uri is not None and modifier in ("~", "~*"):
+            raise _fail('"proxy_pass" cannot have URI part in location given by regular '
+                        'expression, or inside named location, or inside "if" statement, or '
+                        'inside "limit_except" block', d)
+        if port is None and host in self.upstreams:
+            return ProxyPass(host, host, uri)
+        port = port or 80
+        name = authority if ":" in authority else f"{host}:{port}"
+        if name not in self.upstreams:
+            addrs = self._resolve(host, port, authority, d)
+            servers = tuple(UpstreamServer(authority, a) for a in addrs)
+            self.upstreams[name] = Upstream(name, servers, keepalive=32)
+        proxy_host = host if port == 80 else f"{host}:{port}"
+        return ProxyPass(name, proxy_host, uri)
+
+    def _check_default_servers(self, servers: tuple[Server, ...]) -> None:
+        seen: set[tuple[str, int]] = set()
+        for server in servers:
+            for listen in server.listens:
+                if listen.default_server:
+                    if listen.address in seen:
+                        raise ConfigError(
+                            f"a duplicate default server for {listen.host}:{listen.port}",
+                            server.file, server.line)
+                    seen.add(listen.address)
+
+
+def build(root: Block, path: str, prefix: str, files: tuple[str, ...]) -> Config:
+    """Pass 3: turn checked blocks into the immutable model."""
+    b = _Builder(root, path, prefix)
+    main = b.main()
+    http = b.http()
+    return Config(main=main, http=http, path=path, prefix=prefix, files=files)

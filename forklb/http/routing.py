@@ -1,0 +1,155 @@
+"""Which ``server`` and which ``location`` handle a request, as nginx decides.
+
+Pure functions and tables built once per configuration: no sockets here.
+
+* :func:`normalize_path` is nginx's URI normalisation (``%XX`` decoded,
+  slashes merged, ``.`` and ``..`` resolved); ``..`` above the root is an error.
+* :class:`LocationMatcher`: ``=`` exact match stops the search; otherwise the
+  longest prefix is remembered; if it is ``^~`` regexes are skipped; regexes
+  are tried in config order and the first match wins; else the longest prefix.
+* :class:`VirtualHosts`: per listening address, exact name, then the longest
+  leading wildcard (``*.example.org``, ``.example.org``), then the longest
+  trailing wildcard (``www.example.*``), then the first regex (``~...``),
+  then the ``default_server`` (else the first server of that address).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from typing import Generic, Protocol, TypeVar
+from urllib.parse import unquote_to_bytes
+
+
+class BadPath(ValueError):
+    """The request path cannot be normalised (nginx answers 400)."""
+
+
+def normalize_path(path: str) -> str:
+    """Decode, merge slashes and resolve dot segments of an absolute path."""
+    if not path.startswith("/"):
+        raise BadPath(path)
+    if "%" in path:
+        raw = unquote_to_bytes(path)
+        if b"\0" in raw:
+            raise BadPath(path)
+        path = raw.decode("utf-8", "surrogateescape")
+    if "//" not in path and "/." not in path:
+        return path
+    out: list[str] = []
+    segments = path.split("/")
+    for seg in segments[1:]:
+        if seg in ("", "."):
+            continue
+        if seg == "..":
+            if not out:
+                raise BadPath(path)
+            out.pop()
+        else:
+            out.append(seg)
+    trailing = segments[-1] in ("", ".", "..") and bool(out)
+    return "/" + "/".join(out) + ("/" if trailing else "")
+
+
+class _LocationLike(Protocol):
+    modifier: str
+    pattern: str
+    regex: re.Pattern[str] | None
+
+
+L = TypeVar("L", bound=_LocationLike)
+
+
+class LocationMatcher(Generic[L]):
+    """nginx's location lookup over one server's locations."""
+
+    def __init__(self, locations: Sequence[L]):
+        self.exact: dict[str, L] = {}
+        prefixes: list[L] = []
+        self.regexes: list[L] = []
+        for loc in locations:
+            if loc.modifier == "=":
+                self.exact.setdefault(loc.pattern, loc)
+            elif loc.modifier in ("~", "~*"):
+                self.regexes.append(loc)
+            else:
+                prefixes.append(loc)
+        # Longest first; a stable sort keeps config order among equals.
+        self.prefixes = sorted(prefixes, key=lambda loc: -len(loc.pattern))
+
+    def match(self, uri: str) -> L | None:
+        """The location for normalised ``uri``, or None if nothing matches."""
+        exact = self.exact.get(uri)
+        if exact is not None:
+            return exact
+        best = None
+        for loc in self.prefixes:
+            if uri.startswith(loc.pattern):
+                best = loc
+                break
+        if best is not None and best.modifier == "^~":
+            return best
+        for loc in self.regexes:
+            if loc.regex is not None and loc.regex.search(uri):
+                return loc
+        return best
+
+
+S = TypeVar("S")
+
+
+class VirtualHosts(Generic[S]):
+    """Name-based server selection for one listening address."""
+
+    def __init__(self, servers: Sequence[tuple[S, Sequence[str], bool]]):
+        """``servers``: (server, its server_name list, is default_server) in order."""
+        if not servers:
+            raise ValueError("an address needs at least one server")
+        self.exact: dict[str, S] = {}
+        leading: list[tuple[str, S]] = []  # ".example.org" suffix to match
+        trailing: list[tuple[str, S]] = []  # "www.example." prefix to match
+        self.regexes: list[tuple[re.Pattern[str], S]] = []
+        self.default = servers[0][0]
+        for server, names, is_default in servers:
+            if is_default:
+                self.default = server
+            for name in names:
+                name = name.lower()
+                if name.startswith("~"):
+                    self.regexes.append((re.compile(name[1:], re.IGNORECASE), server))
+                elif name.startswith("*."):
+                    leading.append((name[1:], server))
+                elif name.startswith("."):
+                    self.exact.setdefault(name[1:], server)
+                    leading.append((name, server))
+                elif name.endswith(".*"):
+                    trailing.append((name[:-1], server))
+                else:
+                    self.exact.setdefault(name, server)
+        self.leading = sorted(leading, key=lambda p: -len(p[0]))
+        self.trailing = sorted(trailing, key=lambda p: -len(p[0]))
+
+    def select(self, host: str) -> S:
+        """The server for ``host`` (lower-case, without port)."""
+        server = self.exact.get(host)
+        if server is not None:
+            return server
+        if host:
+            for suffix, server in self.leading:
+                if host.endswith(suffix):
+                    return server
+            for prefix, server in self.trailing:
+                if host.startswith(prefix):
+                    return server
+            for regex, server in self.regexes:
+                if regex.search(host):
+                    return server
+        return self.default
+
+
+def split_host(value: str) -> str:
+    """``Host`` header value to the lower-case name nginx matches (no port)."""
+    if value.startswith("["):
+        end = value.find("]")
+        return value[: end + 1].lower() if end > 0 else value.lower()
+    return value.split(":", 1)[0].lower().rstrip(".")

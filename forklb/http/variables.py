@@ -1,0 +1,141 @@
+"""nginx-style ``$variables`` in config values, compiled once at load time.
+
+A value such as ``"$host:$server_port"`` becomes a :class:`Template` whose
+parts are literal strings and getter functions.  Rendering a template on the
+hot path is a loop over those parts; nothing is parsed per request.
+
+Getters take a request context (the worker's ``Exchange``; any object with the
+attributes used below works, which keeps this module free of I/O).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+Getter = Callable[[Any], str]
+
+_VAR = re.compile(r"\$(?:\{([A-Za-z0-9_]+)\}|([A-Za-z0-9_]+))")
+
+
+def _host(r: Any) -> str:
+    return r.host
+
+
+def _proxy_add_x_forwarded_for(r: Any) -> str:
+    previous = r.header("x-forwarded-for")
+    return f"{previous}, {r.remote_addr}" if previous else r.remote_addr
+
+
+def _time_local(r: Any) -> str:
+    return time.strftime("%d/%b/%Y:%H:%M:%S %z", time.localtime(r.start_time))
+
+
+def _time_iso8601(r: Any) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(r.start_time))
+
+
+def _request_time(r: Any) -> str:
+    return f"{time.time() - r.start_time:.3f}"
+
+
+VARIABLES: dict[str, Getter] = {
+    "host": _host,
+    "remote_addr": lambda r: r.remote_addr,
+    "remote_port": lambda r: str(r.remote_port),
+    "remote_user": lambda r: "",
+    "request": lambda r: r.request_line,
+    "request_method": lambda r: r.method,
+    "request_uri": lambda r: r.target,
+    "uri": lambda r: r.uri,
+    "document_uri": lambda r: r.uri,
+    "args": lambda r: r.args,
+    "query_string": lambda r: r.args,
+    "scheme": lambda r: "http",
+    "server_protocol": lambda r: r.protocol,
+    "server_port": lambda r: str(r.server_port),
+    "server_addr": lambda r: r.server_addr,
+    "server_name": lambda r: r.server_name,
+    "proxy_host": lambda r: r.proxy_host,
+    "proxy_add_x_forwarded_for": _proxy_add_x_forwarded_for,
+    "status": lambda r: str(r.status),
+    "body_bytes_sent": lambda r: str(r.body_bytes_sent),
+    "bytes_sent": lambda r: str(r.bytes_sent),
+    "request_time": _request_time,
+    "upstream_addr": lambda r: r.upstream_addr,
+    "upstream_status": lambda r: r.upstream_status,
+    "upstream_response_time": lambda r: r.upstream_response_time,
+    "time_local": _time_local,
+    "time_iso8601": _time_iso8601,
+    "msec": lambda r: f"{time.time():.3f}",
+    "pid": lambda r: str(r.pid),
+    "connection": lambda r: str(r.connection_id),
+    "connection_requests": lambda r: str(r.connection_requests),
+}
+
+
+def _header_getter(name: str) -> Getter:
+    """``$http_x_real_ip`` reads request header ``x-real-ip``."""
+    header = name.replace("_", "-")
+    return lambda r: r.header(header)
+
+
+def getter(name: str) -> Getter | None:
+    """The getter for variable ``name``, or None when nginx would not know it."""
+    if name.startswith("http_") and len(name) > 5:
+        return _header_getter(name[5:])
+    return VARIABLES.get(name)
+
+
+class UnknownVariable(ValueError):
+    """Raised by :func:`compile_template`; ``.name`` is the variable."""
+
+    def __init__(self, name: str):
+        super().__init__(f'unknown "{name}" variable')
+        self.name = name
+
+
+@dataclass(frozen=True, slots=True)
+class Template:
+    """A compiled value: literal text with variables in it."""
+
+    source: str
+    parts: tuple[str | Getter, ...]
+
+    @property
+    def is_literal(self) -> bool:
+        return all(isinstance(p, str) for p in self.parts)
+
+    def render(self, r: Any, empty: str = "") -> str:
+        """The value for request ``r``; an empty variable renders as ``empty``.
+
+        Access logs pass ``empty="-"`` as nginx does.
+        """
+        out = []
+        for part in self.parts:
+            if isinstance(part, str):
+                out.append(part)
+            else:
+                out.append(part(r) or empty)
+        return "".join(out)
+
+
+def compile_template(text: str) -> Template:
+    """Compile ``text``; raises :class:`UnknownVariable` for an unknown name."""
+    parts: list[str | Getter] = []
+    pos = 0
+    for m in _VAR.finditer(text):
+        if m.start() > pos:
+            parts.append(text[pos : m.start()])
+        name = m.group(1) or m.group(2)
+        get = getter(name)
+        if get is None:
+            raise UnknownVariable(name)
+        parts.append(get)
+        pos = m.end()
+    if pos < len(text):
+        parts.append(text[pos:])
+    return Template(text, tuple(parts))

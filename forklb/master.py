@@ -1,0 +1,497 @@
+"""The master process: binds, forks, supervises, reloads.
+
+Modelled on gunicorn's arbiter.  One class, one loop, no threads and no gevent
+(children fork from a process that never had a hub):
+
+* Signal handlers do nothing themselves.  ``signal.set_wakeup_fd`` makes the
+  interpreter write each signal number to a pipe that the loop's selector
+  watches; the loop then handles the signal as ordinary code.
+* Every child has a role from :data:`ROLES` (today: ``worker``; the sidecar
+  becomes one more entry) and a status pipe on which it writes ``R`` once it
+  serves.  The selector wakes on those bytes too.
+* Children also hold the read end of the *life pipe*, whose only write end is
+  the master's: when the master dies, they see EOF and exit.
+* ``waitpid(-1, WNOHANG)`` reaps; a child of the current generation that dies
+  unexpectedly is replaced at once (with back-off if it keeps dying young); a
+  child that dies before it ever became ready during start-up is fatal.
+
+Reload (HUP) parses the new configuration first; if it is bad the error is
+logged and nothing changes.  Otherwise new addresses are bound, a new
+generation of workers is started, and only once all of them report ready are
+the previous generation's workers sent QUIT.  Addresses no longer configured
+are closed when no worker of an older generation is left.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import selectors
+import signal
+import socket
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import psutil
+
+from forklb.config import ConfigError
+from forklb.log import ErrorLog
+from forklb.model import Config, Listen
+from forklb.upstream.shared import SharedUpstreamState
+
+HANDLED_SIGNALS = (signal.SIGHUP, signal.SIGQUIT, signal.SIGTERM, signal.SIGINT,
+                   signal.SIGUSR1, signal.SIGCHLD, signal.SIGWINCH)
+FAST_STOP_GRACE = 5.0  # seconds children get after TERM before SIGKILL
+BOOT_BACKOFF_MAX = 5.0
+YOUNG = 1.0  # a child that dies younger than this counts towards back-off
+TICK = 0.5
+
+
+class StartupError(Exception):
+    """Start-up failed; the message is printed as ``forklb: [emerg] ...``."""
+
+
+@dataclass(frozen=True)
+class Role:
+    """A kind of child process the master keeps running."""
+
+    name: str
+    count: Callable[[Config], int]
+    # Runs in the forked child and never returns: (master, generation, slot, status_fd)
+    target: Callable[[Master, Generation, int, int], None]
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (affinity-aware, unlike os.cpu_count())."""
+    try:
+        return max(1, len(psutil.Process().cpu_affinity()))
+    except (AttributeError, psutil.Error):
+        return max(1, psutil.cpu_count() or 1)
+
+
+def worker_count(config: Config) -> int:
+    return config.main.worker_processes or usable_cpus()
+
+
+def _run_worker(master: Master, gen: Generation, slot: int, status_fd: int) -> None:
+    from forklb import worker  # imported only in the child: the master stays gevent-free
+
+    worker.run(gen.config, master.sockets_for(gen.config), gen.shared, slot, gen.number,
+               master.life_r, status_fd, master.pid)
+
+
+ROLES: tuple[Role, ...] = (Role("worker", worker_count, _run_worker),)
+
+
+@dataclass
+class Child:
+    pid: int
+    role: Role
+    slot: int
+    generation: int
+    status_fd: int
+    started: float
+    ready: bool = False
+    stopping: bool = False  # we asked it to stop; its death is expected
+    kill_at: float | None = None  # SIGKILL deadline once asked to stop
+
+
+@dataclass
+class Generation:
+    """Workers started from one configuration, with the shared memory they use."""
+
+    number: int
+    config: Config
+    shared: SharedUpstreamState = field(init=False)
+    deaths: dict[tuple[str, int], int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        # Created before any of the generation's workers forks, so all map it;
+        # it outlives worker respawns and is replaced by a reload.
+        self.shared = SharedUpstreamState(self.config.http.upstreams)
+
+
+class Master:
+    def __init__(self, config: Config, reload_config: Callable[[], Config],
+                 log: ErrorLog | None = None):
+        self.config = config
+        self.reload_config = reload_config
+        self.log = log or ErrorLog(config.main.error_log, config.main.error_log_level)
+        self.pid = os.getpid()
+        self.children: dict[int, Child] = {}
+        self.sockets: dict[tuple[str, int], socket.socket] = {}
+        self.generation = Generation(1, config)
+        self.generations_started = 1
+        self.pending: Generation | None = None  # a reload waiting for its workers to be ready
+        self.booting = True  # until the first generation is all ready
+        self.stopping: str | None = None  # "graceful" or "fast"
+        self.stop_deadline = 0.0
+        self.respawn_due: dict[tuple[str, int], float] = {}
+        self.selector = selectors.DefaultSelector()
+        self.life_r = self.life_w = -1
+        self.wake_r = self.wake_w = -1
+
+    # -- start-up --
+    def bind(self) -> None:
+        """Bind every configured address (before forking: errors are fatal here)."""
+        for listen in self.config.listen_addresses():
+            self.sockets[listen.address] = self._bind(listen)
+
+    def _bind(self, listen: Listen) -> socket.socket:
+        family = socket.AF_INET6 if ":" in listen.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(listen.address)
+            sock.listen(listen.backlog)
+        except OSError as e:
+            sock.close()
+            host = f"[{listen.host}]" if family == socket.AF_INET6 else listen.host
+            raise StartupError(f"bind() to {host}:{listen.port} failed "
+                               f"({e.errno}: {e.strerror})") from None
+        # Non-blocking is essential: a blocking shared listener hangs the worker
+        # that loses the accept race.  Inheritable for a future binary upgrade.
+        sock.setblocking(False)
+        sock.set_inheritable(True)
+        return sock
+
+    def sockets_for(self, config: Config) -> dict[tuple[str, int], socket.socket]:
+        return {lst.address: self.sockets[lst.address] for lst in config.listen_addresses()}
+
+    def run(self) -> int:
+        """The master loop; returns the exit status."""
+        self._setup()
+        self.log.notice(f"forklb master process started, {self._describe()}")
+        self._spawn_generation(self.generation)
+        try:
+            while True:
+                self._wait()
+                self._reap()
+                if self.stopping and not self.children:
+                    break
+                self._tick()
+        except StartupError as e:
+            self.log.emerg(str(e))
+            self._stop_children(signal.SIGTERM)
+            self._wait_children(FAST_STOP_GRACE)
+            sys.stderr.write(f"forklb: [emerg] {e}\n")
+            return 1
+        finally:
+            self._cleanup()
+        self.log.notice("exit")
+        return 0
+
+    def _describe(self) -> str:
+        listens = ", ".join(f"{h}:{p}" for h, p in self.sockets)
+        return f"{worker_count(self.config)} workers, listening on {listens or 'nothing'}"
+
+    def _setup(self) -> None:
+        self.life_r, self.life_w = os.pipe()
+        self.wake_r, self.wake_w = os.pipe()
+        for fd in (self.wake_r, self.wake_w):
+            os.set_blocking(fd, False)
+        signal.set_wakeup_fd(self.wake_w, warn_on_full_buffer=False)
+        for sig in HANDLED_SIGNALS:
+            signal.signal(sig, _noop_handler)
+        self.selector.register(self.wake_r, selectors.EVENT_READ, "signals")
+        try:
+            import setproctitle
+
+            setproctitle.setproctitle("forklb: master process " + " ".join(sys.argv))
+        except ImportError:
+            pass
+
+    def _cleanup(self) -> None:
+        signal.set_wakeup_fd(-1)
+        for sock in self.sockets.values():
+            sock.close()
+        self.sockets.clear()
+
+    # -- the loop --
+    def _wait(self) -> None:
+        timeout = TICK
+        if self.respawn_due:
+            timeout = max(0.0, min(timeout, min(self.respawn_due.values()) - time.monotonic()))
+        for key, _ in self.selector.select(timeout):
+            if key.data == "signals":
+                self._read_signals()
+            else:
+                self._read_status(key.fd, key.data)
+
+    def _read_signals(self) -> None:
+        try:
+            data = os.read(self.wake_r, 64)
+        except BlockingIOError:
+            return
+        for signum in data:
+            self._handle_signal(signum)
+
+    def _handle_signal(self, signum: int) -> None:
+        if signum == signal.SIGCHLD:
+            return  # reaping follows every wake-up
+        if signum in (signal.SIGTERM, signal.SIGINT):
+            self.stop("fast")
+        elif signum == signal.SIGQUIT:
+            self.stop("graceful")
+        elif signum == signal.SIGHUP:
+            self.reload()
+        elif signum == signal.SIGUSR1:
+            self.log.notice("reopening logs")
+            self.log.reopen()
+            self._signal_all(signal.SIGUSR1)
+        elif signum == signal.SIGWINCH:
+            self.log.notice("SIGWINCH: not supported yet, ignored")
+
+    def _read_status(self, fd: int, child: Child) -> None:
+        try:
+            data = os.read(fd, 64)
+        except OSError:
+            data = b""
+        if not data:
+            self.selector.unregister(fd)
+            return
+        if b"R" in data and not child.ready:
+            child.ready = True
+            self._on_ready(child)
+
+    def _tick(self) -> None:
+        now = time.monotonic()
+        for key, due in list(self.respawn_due.items()):
+            if now >= due and not self.stopping:
+                del self.respawn_due[key]
+                role_name, slot = key
+                role = next(r for r in ROLES if r.name == role_name)
+                self._spawn(role, slot, self.generation)
+        for child in list(self.children.values()):
+            if child.kill_at is not None and now >= child.kill_at:
+                self.log.warn(f"{child.role.name} process {child.pid} did not exit, killing it")
+                self._kill(child.pid, signal.SIGKILL)
+                child.kill_at = None
+
+    # -- children --
+    def _spawn_generation(self, gen: Generation) -> None:
+        for role in ROLES:
+            for slot in range(role.count(gen.config)):
+                self._spawn(role, slot, gen)
+
+    def _spawn(self, role: Role, slot: int, gen: Generation) -> None:
+        status_r, status_w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # child
+            try:
+                os.close(status_r)
+                self._close_in_child()
+                role.target(self, gen, slot, status_w)
+            finally:
+                os._exit(1)
+        os.close(status_w)
+        child = Child(pid, role, slot, gen.number, status_r, time.monotonic())
+        self.children[pid] = child
+        self.selector.register(status_r, selectors.EVENT_READ, child)
+
+    def _close_in_child(self) -> None:
+        """Drop the master's private descriptors so they die with the master."""
+        signal.set_wakeup_fd(-1)
+        keep = {self.life_r}
+        for fd in (self.life_w, self.wake_r, self.wake_w, self.selector.fileno()):
+            if fd not in keep:
+                _close_quietly(fd)
+        for child in self.children.values():
+            _close_quietly(child.status_fd)
+
+    def _reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            child = self.children.pop(pid, None)
+            if child is None:
+                continue
+            try:
+                self.selector.unregister(child.status_fd)
+            except (KeyError, ValueError):
+                pass
+            _close_quietly(child.status_fd)
+            self._on_exit(child, status)
+
+    def _on_exit(self, child: Child, status: int) -> None:
+        how = _describe_status(status)
+        if child.stopping or self.stopping:
+            self.log.notice(f"{child.role.name} process {child.pid} exited {how}")
+            self._close_unused_sockets()
+            return
+        self.log.alert(f"{child.role.name} process {child.pid} exited {how}")
+        gen = self._generation_of(child)
+        if gen is None:
+            self._close_unused_sockets()
+            return
+        if gen is self.pending:
+            self.log.emerg("new workers failed to start; keeping the running configuration")
+            self._abandon_pending()
+            return
+        if not child.ready and self.booting:
+            raise StartupError(f"{child.role.name} process exited on start-up ({how}), "
+                               f"see {self.config.main.error_log}")
+        key = (child.role.name, child.slot)
+        young = time.monotonic() - child.started < YOUNG
+        deaths = gen.deaths.get(key, 0) + 1 if young else 0
+        gen.deaths[key] = deaths
+        delay = 0.0 if deaths <= 1 else min(BOOT_BACKOFF_MAX, 0.1 * 2 ** (deaths - 1))
+        self.respawn_due[key] = time.monotonic() + delay
+
+    def _generation_of(self, child: Child) -> Generation | None:
+        if child.generation == self.generation.number:
+            return self.generation
+        if self.pending and child.generation == self.pending.number:
+            return self.pending
+        return None
+
+    def _on_ready(self, child: Child) -> None:
+        if self.booting and all(c.ready for c in self.children.values()
+                                if c.generation == self.generation.number):
+            self.booting = False
+            self.log.notice("all workers ready")
+        if self.pending and all(c.ready for c in self.children.values()
+                                if c.generation == self.pending.number):
+            self._promote_pending()
+
+    def _stop_child(self, child: Child, sig: int, grace: float) -> None:
+        child.stopping = True
+        child.kill_at = time.monotonic() + grace
+        self._kill(child.pid, sig)
+
+    def _stop_children(self, sig: int, grace: float = FAST_STOP_GRACE,
+                       generations: set[int] | None = None) -> None:
+        for child in list(self.children.values()):
+            if generations is None or child.generation in generations:
+                self._stop_child(child, sig, grace)
+
+    def _signal_all(self, sig: int) -> None:
+        for pid in list(self.children):
+            self._kill(pid, sig)
+
+    def _kill(self, pid: int, sig: int) -> None:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+    def _wait_children(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while self.children and time.monotonic() < deadline:
+            time.sleep(0.05)
+            self._reap()
+        for pid in list(self.children):
+            self._kill(pid, signal.SIGKILL)
+        while self.children:
+            try:
+                pid, _ = os.waitpid(-1, 0)
+            except ChildProcessError:
+                break
+            self.children.pop(pid, None)
+
+    # -- stop and reload --
+    def stop(self, how: str) -> None:
+        if self.stopping == "fast" or self.stopping == how:
+            return
+        self.stopping = how
+        self.respawn_due.clear()
+        self.log.notice(f"{'fast' if how == 'fast' else 'graceful'} shutdown")
+        if how == "fast":
+            self._stop_children(signal.SIGTERM, FAST_STOP_GRACE)
+        else:
+            grace = self.config.main.worker_shutdown_timeout + FAST_STOP_GRACE
+            self._stop_children(signal.SIGQUIT, grace)
+
+    def reload(self) -> None:
+        if self.stopping:
+            return
+        self.log.notice("signal HUP received, reconfiguring")
+        try:
+            config = self.reload_config()
+        except ConfigError as e:
+            self.log.emerg(str(e))
+            self.log.notice("reload failed, the running configuration is kept")
+            return
+        added: list[tuple[str, int]] = []
+        try:
+            for listen in config.listen_addresses():
+                if listen.address not in self.sockets:
+                    self.sockets[listen.address] = self._bind(listen)
+                    added.append(listen.address)
+        except StartupError as e:
+            for address in added:
+                self.sockets.pop(address).close()
+            self.log.emerg(f"{e}; the running configuration is kept")
+            return
+        if self.pending is not None:
+            self._abandon_pending()
+        self.generations_started += 1
+        self.pending = Generation(self.generations_started, config)
+        self.log.notice(f"starting generation {self.pending.number}")
+        self._spawn_generation(self.pending)
+
+    def _abandon_pending(self) -> None:
+        gen = self.pending
+        self.pending = None
+        if gen is None:
+            return
+        self._stop_children(signal.SIGTERM, FAST_STOP_GRACE, {gen.number})
+        self._close_unused_sockets()
+
+    def _promote_pending(self) -> None:
+        new = self.pending
+        assert new is not None
+        old_numbers = {c.generation for c in self.children.values()
+                       if c.generation != new.number}
+        self.pending = None
+        self.generation = new
+        self.config = new.config
+        self.respawn_due.clear()
+        self.log.notice(f"generation {new.number} ready, retiring generation(s) "
+                        f"{sorted(old_numbers) or '-'}")
+        grace = new.config.main.worker_shutdown_timeout + FAST_STOP_GRACE
+        self._stop_children(signal.SIGQUIT, grace, old_numbers)
+        self._close_unused_sockets()
+
+    def _close_unused_sockets(self) -> None:
+        """Close addresses that no live configuration of any child uses."""
+        wanted = {lst.address for lst in self.generation.config.listen_addresses()}
+        if self.pending:
+            wanted |= {lst.address for lst in self.pending.config.listen_addresses()}
+        if any(c.generation < self.generation.number for c in self.children.values()):
+            return  # older workers may still be draining on them
+        for address in list(self.sockets):
+            if address not in wanted:
+                self.sockets.pop(address).close()
+                self.log.notice(f"closed listening socket {address[0]}:{address[1]}")
+
+
+def _noop_handler(signum, frame) -> None:
+    """Signals are read from the wake-up pipe; the handler must exist but does nothing."""
+
+
+def _close_quietly(fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError as e:
+        if e.errno != errno.EBADF:
+            raise
+
+
+def _describe_status(status: int) -> str:
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        try:
+            name = signal.Signals(sig).name
+        except ValueError:
+            name = str(sig)
+        return f"on signal {sig} ({name})"
+    return f"with code {os.WEXITSTATUS(status)}"

@@ -1,0 +1,130 @@
+"""The validated configuration as immutable typed objects.
+
+:func:`forklb.config.load` builds a :class:`Config` from the directive tree;
+the master, the workers (and later the sidecar) only ever see these objects,
+never the raw tree.  Everything that can be computed once at load time is
+computed here: resolved addresses, compiled header templates, location match
+order, MIME lookup tables.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from forklb.http.variables import Template
+
+Address = tuple[str, int]  # (host, port) with host a literal IP address
+
+
+@dataclass(frozen=True, slots=True)
+class Listen:
+    host: str  # "0.0.0.0" / "::" for a wildcard address
+    port: int
+    default_server: bool = False
+    backlog: int = 511
+
+    @property
+    def address(self) -> Address:
+        return (self.host, self.port)
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamServer:
+    name: str  # the address as written in the config, e.g. "web01:80"
+    address: Address
+    weight: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class Upstream:
+    """An ``upstream NAME {}`` group, or the implicit group of a direct target."""
+
+    name: str
+    servers: tuple[UpstreamServer, ...]
+    keepalive: int  # idle connections each worker may keep open to this group
+
+
+@dataclass(frozen=True, slots=True)
+class ProxyPass:
+    upstream: str  # name of a key in Http.upstreams
+    proxy_host: str  # value of $proxy_host and the default Host header
+    uri: str | None  # the URI part of proxy_pass, None when absent
+
+
+@dataclass(frozen=True, slots=True)
+class LogFormat:
+    name: str
+    template: Template
+
+
+@dataclass(frozen=True, slots=True)
+class AccessLog:
+    path: str
+    format: LogFormat
+
+
+@dataclass(frozen=True, slots=True)
+class Location:
+    modifier: str  # "", "=", "^~", "~" or "~*"
+    pattern: str
+    proxy: ProxyPass | None
+    proxy_set_header: tuple[tuple[str, Template], ...]
+    proxy_connect_timeout: float
+    proxy_read_timeout: float
+    proxy_send_timeout: float
+    root: str
+    index: tuple[str, ...]
+    keepalive_timeout: float
+    access_log: tuple[AccessLog, ...]
+    default_type: str
+    regex: re.Pattern[str] | None = field(default=None, compare=False)
+    file: str = ""
+    line: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Server:
+    listens: tuple[Listen, ...]
+    names: tuple[str, ...]
+    locations: tuple[Location, ...]
+    keepalive_timeout: float
+    file: str = ""
+    line: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Http:
+    servers: tuple[Server, ...]
+    upstreams: Mapping[str, Upstream]
+    mime_types: Mapping[str, str]  # lower-case extension -> MIME type
+    default_type: str
+
+
+@dataclass(frozen=True, slots=True)
+class Main:
+    worker_processes: int | None  # None means "auto": one per usable CPU
+    worker_connections: int
+    worker_shutdown_timeout: float
+    pid: str  # absolute path
+    error_log: str  # absolute path, or "stderr"
+    error_log_level: str
+    daemon: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    main: Main
+    http: Http
+    path: str  # the main file, as given
+    prefix: str
+    files: tuple[str, ...]  # every file read, main first (for -T)
+
+    def listen_addresses(self) -> tuple[Listen, ...]:
+        """One :class:`Listen` per distinct address, first declaration wins."""
+        seen: dict[Address, Listen] = {}
+        for server in self.http.servers:
+            for listen in server.listens:
+                seen.setdefault(listen.address, listen)
+        return tuple(seen.values())

@@ -1,0 +1,318 @@
+"""A worker process: gevent, the inherited listening sockets, one greenlet per client.
+
+The master forks and then calls :func:`run` in the child; this module (and so
+gevent) is imported only there, so the master never has a hub.  The worker:
+
+1. resets the master's signal set-up, patches the stdlib for gevent and
+   installs its own signal handlers (QUIT graceful, TERM/INT fast, USR1 reopen);
+2. builds everything the hot path needs from the config once: routing tables,
+   compiled header templates, an :class:`UpstreamGroup` per upstream;
+3. serves each listening socket with a ``StreamServer`` whose pool is
+   ``worker_connections`` big, then tells the master it is ready (a byte on
+   the status pipe);
+4. exits when asked, or by itself when the master dies (EOF on the life pipe,
+   and ``PR_SET_PDEATHSIG`` as a second line).
+"""
+
+from __future__ import annotations
+
+import array
+import fcntl
+import os
+import signal
+import socket as stdlib_socket
+import sys
+import termios
+from dataclasses import dataclass
+from typing import Any
+
+from forklb.log import AccessLogFile, ErrorLog
+from forklb.model import Config, Location, Server
+from forklb.upstream.shared import SharedUpstreamState
+
+DRAIN_TICK = 0.1
+# On graceful stop a keep-alive connection is closed once it has been idle this
+# long.  Closing a connection the client is about to reuse races with its next
+# request (the client sees a close without response); a connection in active
+# use is never idle this long, so it gets its next answer with
+# "Connection: close" instead.
+IDLE_CLOSE_AFTER = 1.0
+
+
+@dataclass
+class Listener:
+    """One listening address as a worker serves it."""
+
+    host: str
+    port: int
+    vhosts: Any  # VirtualHosts[Server]
+    keepalive_timeout: float
+    fallback: Location  # used for access-logging requests rejected before routing
+
+
+class LocationRuntime:
+    """What the hot path needs for one location, computed at worker start."""
+
+    __slots__ = ("handler", "group", "proxy_uri", "proxy_host", "set_headers", "overridden",
+                 "sets_host", "connect_timeout", "read_timeout", "send_timeout", "mime_types")
+
+    def __init__(self, loc: Location, groups: dict, mime_types: dict[str, str]):
+        from forklb.http.proxy import proxy
+        from forklb.http.static import serve_static
+
+        self.mime_types = mime_types
+        self.connect_timeout = loc.proxy_connect_timeout
+        self.read_timeout = loc.proxy_read_timeout
+        self.send_timeout = loc.proxy_send_timeout
+        self.set_headers = []
+        names = set()
+        for name, template in loc.proxy_set_header:
+            literal = template.source.encode("latin-1") if template.is_literal else None
+            self.set_headers.append((name.encode("latin-1"), template, literal))
+            names.add(name.lower().encode("latin-1"))
+        self.overridden = frozenset(names)
+        self.sets_host = b"host" in names
+        if loc.proxy is not None:
+            self.handler = proxy
+            self.group = groups[loc.proxy.upstream]
+            self.proxy_uri = loc.proxy.uri
+            self.proxy_host = loc.proxy.proxy_host
+        else:
+            self.handler = serve_static
+            self.group = None
+            self.proxy_uri = None
+            self.proxy_host = ""
+
+
+class Worker:
+    def __init__(self, config: Config, sockets: dict[tuple[str, int], stdlib_socket.socket],
+                 shared: SharedUpstreamState, slot: int, generation: int, life_fd: int,
+                 status_fd: int, master_pid: int):
+        self.config = config
+        self.shared = shared
+        self.inherited = sockets
+        self.slot = slot
+        self.generation = generation
+        self.life_fd = life_fd
+        self.status_fd = status_fd
+        self.master_pid = master_pid
+        self.stopping = False
+        self.connections: set = set()
+        self.servers: list = []
+        main = config.main
+        self.log = ErrorLog(main.error_log, main.error_log_level)
+        self.log.ident = slot
+
+    # -- start-up --
+    def run(self) -> None:
+        """Entry point in the forked child; never returns."""
+        code = 0
+        try:
+            self._setup_process()
+            self._build()
+            self._serve()
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 1
+        except BaseException as e:  # noqa: BLE001 - a worker must report, then die
+            self.log.alert(f"worker process failed: {e!r}")
+            code = 2
+        finally:
+            self._flush_logs()
+        os._exit(code)
+
+    def _setup_process(self) -> None:
+        signal.set_wakeup_fd(-1)
+        for sig in (signal.SIGHUP, signal.SIGQUIT, signal.SIGTERM, signal.SIGINT, signal.SIGUSR1,
+                    signal.SIGUSR2, signal.SIGWINCH, signal.SIGCHLD):
+            signal.signal(sig, signal.SIG_DFL)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        signal.signal(signal.SIGWINCH, signal.SIG_IGN)
+        _die_with_parent(self.master_pid)
+
+        from gevent import monkey
+
+        monkey.patch_all()
+        import gevent
+        import setproctitle
+
+        setproctitle.setproctitle("forklb: worker process")
+        self.now = gevent.get_hub().loop.now  # the loop's cached clock: no syscall
+        gevent.signal_handler(signal.SIGQUIT, self.graceful_stop)
+        gevent.signal_handler(signal.SIGTERM, self.fast_stop)
+        gevent.signal_handler(signal.SIGINT, self.fast_stop)
+        gevent.signal_handler(signal.SIGUSR1, self.reopen_logs)
+
+    def _build(self) -> None:
+        from forklb.http.protocol import HttpDate
+        from forklb.http.routing import LocationMatcher, VirtualHosts
+        from forklb.upstream.pool import UpstreamGroup
+
+        http = self.config.http
+        self.date = HttpDate()
+        self.groups = {name: UpstreamGroup(u, self.shared.ticket(name))
+                       for name, u in http.upstreams.items()}
+        mime = dict(http.mime_types)
+        self.locations: dict[int, LocationRuntime] = {}
+        self.matchers: dict[int, LocationMatcher] = {}
+        self.access_files: dict[str, AccessLogFile] = {}
+        for server in http.servers:
+            self.matchers[id(server)] = LocationMatcher(server.locations)
+            for loc in server.locations:
+                self.locations[id(loc)] = LocationRuntime(loc, self.groups, mime)
+                for al in loc.access_log:
+                    if al.path not in self.access_files:
+                        self.access_files[al.path] = AccessLogFile(al.path)
+        self.listeners: dict[tuple[str, int], Listener] = {}
+        for listen in self.config.listen_addresses():
+            members: list[tuple[Server, tuple[str, ...], bool]] = []
+            for server in http.servers:
+                for lst in server.listens:
+                    if lst.address == listen.address:
+                        members.append((server, server.names, lst.default_server))
+                        break
+            vhosts = VirtualHosts(members)
+            default: Server = vhosts.default
+            self.listeners[listen.address] = Listener(
+                listen.host, listen.port, vhosts, default.keepalive_timeout, default.locations[-1]
+            )
+
+    def _serve(self) -> None:
+        import gevent
+        from gevent import socket
+        from gevent.event import Event
+        from gevent.pool import Pool
+        from gevent.server import StreamServer
+
+        pool = Pool(self.config.main.worker_connections)
+        self.pool = pool
+        for address, sock in self.inherited.items():
+            listener = self.listeners.get(address)
+            if listener is None:
+                continue
+            gsock = socket.socket(fileno=sock.detach())
+            server = StreamServer(gsock, self._handler(listener), spawn=pool)
+            server.max_accept = 4  # small bursts: leave the rest of the backlog to other workers
+            server.start()
+            self.servers.append(server)
+        self.exit_event = Event()
+        gevent.spawn(self._watch_master)
+        gevent.spawn(self._flush_access_logs_periodically)
+        os.write(self.status_fd, b"R")
+        self.exit_event.wait()
+
+    def _handler(self, listener: Listener):
+        from forklb.http.connection import ClientConnection
+
+        connections = self.connections
+
+        def handle(sock, address):
+            conn = ClientConnection(self, listener, sock, address)
+            connections.add(conn)
+            try:
+                conn.serve()
+            finally:
+                connections.discard(conn)
+
+        return handle
+
+    # -- per request --
+    def access_log(self, ex) -> None:
+        loc = ex.location or ex.conn.listener.fallback
+        for al in loc.access_log:
+            self.access_files[al.path].write(al.format.template.render(ex, "-") + "\n")
+
+    # -- stopping --
+    def graceful_stop(self) -> None:
+        """QUIT: stop accepting, close idle keep-alive connections, finish the rest."""
+        import gevent
+
+        if self.stopping:
+            return
+        self.stopping = True
+        for server in self.servers:
+            server.close()
+        self._close_idle()
+        gevent.spawn(self._drain)
+
+    def _close_idle(self) -> None:
+        """Close keep-alive connections that have waited a while and have nothing pending."""
+        now = self.now()
+        for conn in list(self.connections):
+            if not conn.idle or now - conn.idle_since < IDLE_CLOSE_AFTER:
+                continue
+            if _bytes_waiting(conn.sock):
+                continue  # a request arrived: it is served, with Connection: close
+            try:
+                conn.sock.shutdown(stdlib_socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def _drain(self) -> None:
+        import gevent
+
+        timeout = self.config.main.worker_shutdown_timeout
+        deadline = self.now() + timeout
+        while len(self.pool) and self.now() < deadline:
+            self._close_idle()
+            gevent.sleep(DRAIN_TICK)
+        if len(self.pool):
+            self.log.notice(f"worker_shutdown_timeout: closing {len(self.pool)} connections")
+        self.exit_event.set()
+
+    def fast_stop(self) -> None:
+        self._flush_logs()
+        os._exit(0)
+
+    def reopen_logs(self) -> None:
+        self.log.reopen()
+        for f in self.access_files.values():
+            f.reopen()
+
+    def _flush_logs(self) -> None:
+        for f in getattr(self, "access_files", {}).values():
+            f.flush()
+
+    def _flush_access_logs_periodically(self) -> None:
+        import gevent
+
+        while True:
+            gevent.sleep(1.0)
+            self._flush_logs()
+
+    def _watch_master(self) -> None:
+        from gevent.socket import wait_read
+
+        while True:
+            wait_read(self.life_fd)
+            if not os.read(self.life_fd, 64):
+                self.log.alert("master process exited, worker exiting")
+                self.fast_stop()
+
+
+def _bytes_waiting(sock) -> int:
+    """Bytes in ``sock``'s receive buffer, without reading (or blocking)."""
+    try:
+        buf = array.array("i", [0])
+        fcntl.ioctl(sock.fileno(), termios.FIONREAD, buf)
+        return buf[0]
+    except OSError:
+        return 0
+
+
+def _die_with_parent(master_pid: int) -> None:
+    """Ask the kernel to TERM us when the master dies (Linux); check for a lost race."""
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            PR_SET_PDEATHSIG = 1
+            libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        except OSError:
+            pass
+    if os.getppid() != master_pid:
+        os._exit(0)
+
+
+def run(*args, **kwargs) -> None:
+    Worker(*args, **kwargs).run()
