@@ -336,7 +336,8 @@ class Master:
             self.log.emerg("new workers failed to start; keeping the running configuration")
             self._abandon_pending()
             return
-        if not child.ready and self.booting:
+        if not child.ready and self.booting and os.WIFEXITED(status):
+            # It failed by itself before serving (a killed one is simply replaced).
             raise StartupError(f"{child.role.name} process exited on start-up ({how}), "
                                f"see {self.config.main.error_log}")
         key = (child.role.name, child.slot)

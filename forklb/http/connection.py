@@ -32,6 +32,8 @@ MAX_HEADER_BYTES = 32 * 1024
 CLIENT_HEADER_TIMEOUT = 60.0
 CLIENT_BODY_TIMEOUT = 60.0
 RECV_SIZE = 65536
+LINGERING_TIME = 5.0  # at most this long reading what a rejected client still sends
+LINGERING_TIMEOUT = 1.0  # ... and only while it keeps sending
 
 
 class ClientGone(Exception):
@@ -46,7 +48,7 @@ class Exchange:
         "version", "keep_alive", "start_time", "status", "body_bytes_sent", "bytes_sent",
         "host", "uri", "args", "path", "server", "location", "proxy_host", "upstream_addr",
         "upstream_status", "upstream_response_time", "content_length", "chunked",
-        "header_bytes",
+        "header_bytes", "header_bytes_read",
     )
 
     def __init__(self, conn: ClientConnection):
@@ -76,6 +78,7 @@ class Exchange:
         self.content_length: int | None = None
         self.chunked = False
         self.header_bytes = 0
+        self.header_bytes_read = 0
 
     # -- the $variable interface (see forklb.http.variables) --
     @property
@@ -156,6 +159,7 @@ class ClientConnection:
         self.idle = False
         self.idle_since = 0.0
         self.must_close = False
+        self.linger = False  # close via _lingering_close (a response went out early)
         ClientConnection.serial_counter += 1
         self.serial = ClientConnection.serial_counter
 
@@ -166,10 +170,14 @@ class ClientConnection:
         self.pending.append(ex)
 
     def on_url(self, url: bytes) -> None:
-        self.parsing.target_raw += url
+        ex = self.parsing
+        ex.target_raw += url
+        ex.header_bytes += len(url)
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.parsing.headers.append((name, value))
+        ex = self.parsing
+        ex.headers.append((name, value))
+        ex.header_bytes += len(name) + len(value) + 4
 
     def on_headers_complete(self) -> None:
         ex = self.parsing
@@ -194,6 +202,8 @@ class ClientConnection:
     # -- reading --
     def _feed(self, data: bytes) -> None:
         """Parse ``data``; malformed input becomes an error response and close."""
+        before = self.parsing
+        continuing = before is not None and not before.headers_done
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -205,10 +215,15 @@ class ClientConnection:
         except httptools.HttpParserError as e:
             raise BadRequest(400, f"client sent invalid request: {e}") from None
         ex = self.parsing
-        if ex is not None and not ex.headers_done:
-            ex.header_bytes += len(data)
-            if ex.header_bytes > MAX_HEADER_BYTES:
-                raise BadRequest(400, "client sent too large request header")
+        if ex is None:
+            return
+        if continuing and ex is before and not ex.headers_done:
+            # A header section still arriving over several reads: this bounds a
+            # header that never ends (complete ones are measured exactly by the
+            # callbacks; the first read's share is not counted, so the bound is loose).
+            ex.header_bytes_read += len(data)
+        if ex.header_bytes > MAX_HEADER_BYTES or ex.header_bytes_read > MAX_HEADER_BYTES:
+            raise BadRequest(400, "client sent too large request header")
 
     def _recv(self, timeout: float) -> bytes:
         self.sock.settimeout(timeout)
@@ -268,6 +283,7 @@ class ClientConnection:
         ex.body_bytes_sent = len(body) if body is not None else len(data)
         if not keep:
             self.must_close = True
+            self.linger = not ex.complete
         self.send(data)
 
     def keep_alive_after(self, ex: Exchange) -> bool:
@@ -285,11 +301,27 @@ class ClientConnection:
                 self.sock.sendall(protocol.simple_response(e.status, self.worker.date.now()))
             except OSError:
                 pass
+            self.linger = True
         finally:
+            if self.linger:
+                self._lingering_close()
             try:
                 self.sock.close()
             except OSError:
                 pass
+
+    def _lingering_close(self) -> None:
+        """Half-close, then read and drop what the client still sends (nginx's
+        lingering_close): closing with unread input would reset the connection
+        and could destroy the response before the client reads it."""
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            return
+        deadline = time.monotonic() + LINGERING_TIME
+        while time.monotonic() < deadline:
+            if not self._recv(LINGERING_TIMEOUT):
+                return
 
     def _serve(self) -> None:
         keepalive_timeout = self.listener.keepalive_timeout
