@@ -267,7 +267,7 @@ class ClientConnection:
     # -- writing --
     def send(self, data: bytes) -> None:
         try:
-            self.sock.sendall(data)
+            protocol.send_all(self.sock, data)
         except OSError as e:
             raise ClientGone(str(e)) from None
 

@@ -230,15 +230,14 @@ def _attempt(conn: ClientConnection, ex: Exchange, rt: LocationRuntime, sock: so
     body_sent = False
     try:
         sock.settimeout(rt.send_timeout)
+        send_all = protocol.send_all
+        send_all(sock, head)
         if ex.has_body:
-            sock.sendall(head)
             body_sent = True
             for data in conn.body_chunks(ex):
-                sock.sendall(protocol.chunk(data) if ex.chunked else data)
+                send_all(sock, protocol.chunk(data) if ex.chunked else data)
             if ex.chunked:
-                sock.sendall(protocol.LAST_CHUNK)
-        else:
-            sock.sendall(head)
+                send_all(sock, protocol.LAST_CHUNK)
         sock.settimeout(rt.read_timeout)
         resp = ResponseHead(ex.method_b == b"HEAD")
         while not resp.headers_done:
