@@ -140,3 +140,38 @@ def test_worker_dying_at_boot_is_fatal_with_clear_error(forklb_factory, py_backe
     r = lb.cli()
     assert r.returncode == 1
     assert "worker process exited on start-up" in r.stderr
+
+
+def test_reopen_starts_new_log_files(forklb_factory, py_backend_factory):
+    backend = py_backend_factory("name", name="b1")
+    port = free_port()
+    conf = CONF.format(workers=1, backend=backend.port, port=port).replace(
+        "access_log off;", "access_log logs/access.log;")
+    lb = forklb_factory(conf)
+    lb.start(wait_ports=[port], workers=1)
+    access = lb.path("logs/access.log")
+    http_request(port, "/first")
+    wait_for(lambda: access.exists() and "/first" in access.read_text(), timeout=5)
+    access.rename(lb.path("logs/access.log.1"))
+    assert lb.cli("-s", "reopen").returncode == 0
+    wait_for(access.exists, timeout=5, message="access.log not reopened")
+    http_request(port, "/second")
+    wait_for(lambda: "/second" in access.read_text(), timeout=5)
+    assert "/second" not in lb.path("logs/access.log.1").read_text()
+
+
+def test_daemon_on_detaches_and_stops(forklb_factory, py_backend_factory):
+    backend = py_backend_factory("name", name="b1")
+    port = free_port()
+    lb = forklb_factory("daemon on;\n" + CONF.format(workers=1, backend=backend.port,
+                                                      port=port))
+    r = lb.cli(timeout=10)  # returns once the master has detached
+    assert r.returncode == 0, r.stderr
+    pid = wait_for(lb.read_pid_file, timeout=5, message="no pid file")
+    try:
+        assert wait_for(lambda: port_is_open(port), timeout=5)
+        assert http_request(port).text == "b1\n"
+    finally:
+        assert lb.cli("-s", "stop").returncode == 0
+    wait_for(lambda: not pid_alive(pid), timeout=10, message="daemon master still alive")
+    wait_port_closed(port, timeout=5)

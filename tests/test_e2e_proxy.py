@@ -189,3 +189,38 @@ def test_malformed_request_gets_400_and_never_reaches_backend(forklb_factory, na
     # The worker survives and still routes good requests (to a closed backend here: 502).
     backend.sock.close()
     assert http_request(port, "/", host="x").status == 502
+
+
+def test_resetting_upstream_gives_502_and_worker_keeps_serving(forklb_factory, echo):
+    import struct
+    import threading
+
+    resetter = socket.socket()
+    resetter.bind(("127.0.0.1", 0))
+    resetter.listen(16)
+    stop = threading.Event()
+
+    def reset_everyone() -> None:
+        resetter.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                conn, _ = resetter.accept()
+            except OSError:
+                continue
+            conn.recv(65536)
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            conn.close()  # RST
+
+    t = threading.Thread(target=reset_everyone, daemon=True)
+    t.start()
+    try:
+        lb, port = _start(forklb_factory, [resetter.getsockname()[1]])
+        workers = lb.worker_pids()
+        r = http_request(port, "/", host="www.example.com")
+        assert r.status == 502
+        assert lb.worker_pids() == workers
+        assert "while reading response header from upstream" in lb.error_log()
+    finally:
+        stop.set()
+        t.join(2)
+        resetter.close()
