@@ -7,7 +7,8 @@ head with httptools, then relay the body to the client as it arrives.
 Retries follow nginx's default ``proxy_next_upstream error timeout``: a peer
 that refuses, resets or times out before the response head is tried no more for
 this request and the next peer is chosen, unless request body bytes were
-already streamed (they are not buffered, so cannot be replayed).  A pooled
+already streamed (they are not buffered, so cannot be replayed) or a request
+that is not idempotent (POST, PATCH, ...) was already sent.  A pooled
 connection that turns out to be closed by the server is retried at once on a
 fresh connection for idempotent requests, and does not count as a failure.
 When every peer failed the client gets 502 (504 after a timeout).
@@ -33,12 +34,18 @@ class UpstreamError(Exception):
     """An attempt failed before the response head was complete."""
 
     def __init__(self, message: str, status: int = 502, stale: bool = False,
-                 body_sent: bool = False):
+                 sent: bool = False, body_consumed: bool = False):
         super().__init__(message)
         self.message = message
         self.status = status
-        self.stale = stale  # a reused idle connection was already closed
-        self.body_sent = body_sent
+        self.stale = stale  # a reused idle connection turned out to be closed
+        self.sent = sent  # request bytes reached the upstream socket
+        self.body_consumed = body_consumed  # body bytes read from the client: no replay
+
+    def replayable(self, idempotent: bool) -> bool:
+        """nginx's rule: a sent non-idempotent request is not retried; a streamed
+        body cannot be (it is not buffered)."""
+        return not self.body_consumed and (idempotent or not self.sent)
 
 
 class ResponseHead:
@@ -187,14 +194,15 @@ def proxy(conn: ClientConnection, ex: Exchange, rt: LocationRuntime) -> None:
         except UpstreamError as e:
             if sock is not None:
                 sock.close()
-            if e.stale and idempotent and not e.body_sent:
+            replayable = e.replayable(idempotent)
+            if e.stale and replayable:
                 addrs.pop()
                 continue  # the pooled connection was dead: same peer, new connection
             conn.worker.log.error(_context(e.message, conn, ex, group.labels[index]))
             group.failed(index)
             tried |= 1 << index
             last_error = e
-            if e.body_sent or not idempotent and e.stale:
+            if not replayable:
                 ex.upstream_addr = ", ".join(addrs)
                 conn.respond_simple(ex, e.status)
                 return
@@ -227,37 +235,39 @@ def _connect(group: UpstreamGroup, index: int, rt: LocationRuntime) -> socket.so
 def _attempt(conn: ClientConnection, ex: Exchange, rt: LocationRuntime, sock: socket.socket,
              head: bytes, reused: bool) -> bool:
     """One try on ``sock``; True when the connection may be kept for reuse."""
-    body_sent = False
+    sent = body_consumed = False
+    phase = "sending request to upstream"
     try:
         sock.settimeout(rt.send_timeout)
         send_all = protocol.send_all
         send_all(sock, head)
+        sent = True
         if ex.has_body:
-            body_sent = True
+            body_consumed = True
             for data in conn.body_chunks(ex):
                 send_all(sock, protocol.chunk(data) if ex.chunked else data)
             if ex.chunked:
                 send_all(sock, protocol.LAST_CHUNK)
+        phase = "reading response header from upstream"
         sock.settimeout(rt.read_timeout)
         resp = ResponseHead(ex.method_b == b"HEAD")
         while not resp.headers_done:
             data = sock.recv(RECV_SIZE)
             if not data:
-                raise UpstreamError("upstream prematurely closed connection while reading "
-                                    "response header from upstream", stale=reused,
-                                    body_sent=body_sent)
+                raise UpstreamError(f"upstream prematurely closed connection while {phase}",
+                                    stale=reused, sent=sent, body_consumed=body_consumed)
             reused = False
             resp.feed(data)
     except TimeoutError:
-        raise UpstreamError("upstream timed out (110: Connection timed out) while reading "
-                            "response header from upstream", status=504,
-                            body_sent=body_sent) from None
+        raise UpstreamError(f"upstream timed out (110: Connection timed out) while {phase}",
+                            status=504, sent=sent, body_consumed=body_consumed) from None
     except httptools.HttpParserError as e:
-        raise UpstreamError(f"upstream sent invalid header ({e}) while reading response "
-                            "header from upstream", body_sent=body_sent) from None
+        raise UpstreamError(f"upstream sent invalid header ({e}) while {phase}", sent=sent,
+                            body_consumed=body_consumed) from None
     except OSError as e:
-        raise UpstreamError(f"recv() failed ({e.errno}: {e.strerror}) while reading response "
-                            "header from upstream", stale=reused, body_sent=body_sent) from None
+        raise UpstreamError(f"{'send' if phase.startswith('send') else 'recv'}() failed "
+                            f"({e.errno}: {e.strerror}) while {phase}", stale=reused,
+                            sent=sent, body_consumed=body_consumed) from None
     return _relay_response(conn, ex, sock, resp)
 
 
