@@ -302,6 +302,11 @@ def test_not_degraded_without_failures() -> None:
     assert not rr.degraded(1.0)
 
 
+@pytest.mark.parametrize("now", [0.0, -1.0])
+def test_not_degraded_before_any_failure_even_at_time_zero(now: float) -> None:
+    assert not SmoothWeightedRoundRobin([1, 1]).degraded(now)
+
+
 def test_degraded_until_fail_timeout_passes() -> None:
     rr = SmoothWeightedRoundRobin([1, 1], max_fails=1, fail_timeout=10)
     rr.failed(A, 100.0)

@@ -111,6 +111,17 @@ def test_block_line_is_its_name_line() -> None:
     assert http.line == 3 and http.children[0].line == 4
 
 
+def test_directive_line_is_the_line_of_its_terminator() -> None:
+    # nginx reports a directive where its ";" or "{" is.
+    (events, pid) = parse("events\n\n{\n}\npid\n  x\n  ;\n")
+    assert (events.line, pid.line) == (3, 7)
+
+
+def test_block_end_line_is_its_closing_brace() -> None:
+    (http,) = parse("http {\n  a;\n\n}\n")
+    assert (http.line, http.end_line, http.children[0].end_line) == (1, 4, 2)
+
+
 def test_comments_are_ignored() -> None:
     (d,) = parse("# top\nevents { # inside\n  x 1; # after\n}\n")
     assert [c.name for c in d.children] == ["x"]

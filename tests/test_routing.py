@@ -89,11 +89,6 @@ def test_bad_path_is_a_value_error() -> None:
     assert issubclass(BadPath, ValueError)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: nginx answers 400 to a malformed percent escape (%zz, a lone %); "
-    "routing.normalize_path passes it through unchanged",
-)
 @pytest.mark.parametrize("path", ["/%zz", "/a%", "/a%4"])
 def test_normalize_path_rejects_malformed_escapes(path: str) -> None:
     with pytest.raises(BadPath):
@@ -350,12 +345,6 @@ def test_regex_names_are_case_insensitive() -> None:
     assert v.select("www.example.org") == "r"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: VirtualHosts.__init__ lower-cases regex names before compiling them, "
-    "turning \\S into \\s (and \\W, \\D, \\B, \\A, \\Z into other escapes); nginx compiles "
-    "the regex as written with NGX_REGEX_CASELESS",
-)
 def test_regex_name_escapes_are_not_lower_cased() -> None:
     v = vhosts(("d", ["default"], True), ("r", ["~^\\S+\\.example\\.com$"], False))
     assert v.select("www.example.com") == "r"

@@ -64,9 +64,9 @@ TABLE: tuple[Spec, ...] = (
     _spec("events", [MAIN], 0, block=EVENTS),
     _spec("http", [MAIN], 0, block=HTTP),
     # events
-    _spec("worker_connections", [EVENTS], 1, check="integer(min=1, default=512)"),
+    _spec("worker_connections", [EVENTS], 1, check="number(min=1, default=512)"),
     # http
-    _spec("types", [HTTP, SERVER, LOCATION], 0, block=TYPES),
+    _spec("types", [HTTP, SERVER, LOCATION], 0, block=TYPES, multiple=True),
     _spec("default_type", _HTTP_LEVELS, 1, check="string(default=text/plain)", inherit=True),
     _spec("log_format", [HTTP], (2, ANY), check="log_format()", multiple=True),
     _spec("access_log", _HTTP_LEVELS, (1, 2), check="access_log()", multiple=True, inherit=True),
@@ -76,10 +76,10 @@ TABLE: tuple[Spec, ...] = (
     _spec("server", [HTTP], 0, block=SERVER, multiple=True),
     # upstream
     _spec("server", [UPSTREAM], (1, ANY), check="upstream_server()", multiple=True),
-    _spec("keepalive", [UPSTREAM], 1, check="integer(min=0, default=32)"),
+    _spec("keepalive", [UPSTREAM], 1, check="count(min=0, default=32)"),
     # server
     _spec("listen", [SERVER], (1, ANY), check="listen()", multiple=True),
-    _spec("server_name", [SERVER], (1, ANY), check="string_list(default=list(''))"),
+    _spec("server_name", [SERVER], (1, ANY), check="string_list()", multiple=True),
     _spec("location", [SERVER], (1, 2), check="location()", block=LOCATION, multiple=True),
     _spec("root", _HTTP_LEVELS, 1, check="string(default=html)", inherit=True),
     _spec("index", _HTTP_LEVELS, (1, ANY), check="string_list(default=list('index.html'))",
@@ -124,27 +124,51 @@ class DirectiveError(ValidateError):
         self.index: int | None = None  # which occurrence, for multiple directives
 
 
-_TIME_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800,
-               "M": 2592000, "y": 31536000}
-_TIME_RE = re.compile(r"(\d+)(ms|s|m|h|d|w|M|y)?")
-_SIZE_RE = re.compile(r"(\d+)([kKmMgG]?)")
+# ngx_parse_time's units in milliseconds, largest first: each may appear once, in
+# this order.  A space where "s" could stand counts seconds and ends the units.
+_TIME_UNITS = (("y", 31536000000), ("M", 2592000000), ("w", 604800000), ("d", 86400000),
+               ("h", 3600000), ("m", 60000), ("s", 1000), ("ms", 1))
+_TIME_RE = re.compile(r"([0-9]*)(ms|[yMwdhms ])? *")
+_MAX_INT = 2**63 - 1  # NGX_MAX_INT_T_VALUE
+_DIGITS = re.compile(r"[0-9]+")
+_SIZE_RE = re.compile(r"([0-9]+)([kKmMgG]?)")
 _SIZE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
 LOG_LEVELS = ("debug", "info", "notice", "warn", "error", "crit", "alert", "emerg")
 
 
-def parse_time(text: str) -> float:
-    """nginx time (``500ms``, ``1m30s``, bare seconds) in seconds."""
-    pos, total = 0, 0.0
-    text = text.strip()
-    if not text:
-        raise DirectiveError("invalid value")
+def parse_time(text: str, is_sec: bool = False) -> float:
+    """nginx time (``500ms``, ``1m30s``, bare seconds) in seconds, as ``ngx_parse_time``.
+
+    Units go from the largest to the smallest, each at most once; a number
+    without a unit counts seconds.  Millisecond values (``is_sec`` false, every
+    time directive forklb has) may not use ``y`` or ``M``; second values
+    (``is_sec``) may not use ``ms``.
+    """
+    units = [u for u in _TIME_UNITS[0 if is_sec else 2 :] if not (is_sec and u[0] == "ms")]
+    pos, total_ms, valid = 0, 0, False
     while pos < len(text):
         m = _TIME_RE.match(text, pos)
-        if not m:
+        if m is None or m.end() == pos:
             raise DirectiveError("invalid value")
-        total += int(m.group(1)) * _TIME_UNITS[m.group(2) or "s"]
+        digits, unit = m.group(1), m.group(2)
+        valid = valid or bool(digits)
+        total_ms += int(digits or 0) * _unit_ms(unit, units)
         pos = m.end()
-    return total
+    limit = _MAX_INT * 1000 if is_sec else _MAX_INT
+    if not valid or total_ms > limit:
+        raise DirectiveError("invalid value")
+    return total_ms / 1000
+
+
+def _unit_ms(unit: str | None, units: list[tuple[str, int]]) -> int:
+    """Milliseconds per ``unit``; drops it and the units it excludes from ``units``."""
+    if unit is None:  # a trailing bare number
+        return 1000
+    for i, (name, scale) in enumerate(units):
+        if name == unit.replace(" ", "s"):
+            del units[: len(units) if unit == " " else i + 1]
+            return scale
+    raise DirectiveError("invalid value")
 
 
 def parse_size(text: str) -> int:
@@ -155,47 +179,87 @@ def parse_size(text: str) -> int:
     return int(m.group(1)) * _SIZE_UNITS[m.group(2).lower()]
 
 
-def parse_address(text: str, default_port: int | None) -> tuple[str, int | None]:
-    """Split ``host[:port]`` / ``[v6][:port]`` / ``port`` / ``*:port``."""
-    host, port = text, None
+class AddressError(DirectiveError):
+    """A bad address; ``reason`` is ``ngx_parse_url``'s (``invalid port``, ``no host``...)."""
+
+    def __init__(self, reason: str, text: str):
+        super().__init__(f'{reason} in "{text}"')
+        self.reason = reason
+
+
+def parse_address(text: str, default_port: int | None,
+                  port_only: bool = True) -> tuple[str, int | None]:
+    """Split ``host[:port]`` / ``[v6][:port]`` / ``*:port`` (and ``port`` if ``port_only``).
+
+    Like ``ngx_parse_inet_url`` the port follows the first colon and an IPv6
+    host (returned without brackets) must be an IPv6 address.
+    """
     if text.startswith("["):
-        end = text.find("]")
-        if end < 0:
-            raise DirectiveError(f'invalid host in "{text}"')
-        host, rest = text[1:end], text[end + 1:]
-        if rest:
-            if not rest.startswith(":"):
-                raise DirectiveError(f'invalid host in "{text}"')
-            port = rest[1:]
-    elif text.isdigit():
-        host, port = "", text
-    elif ":" in text:
-        host, port = text.rsplit(":", 1)
-    if port is not None:
-        if not port.isdigit() or not 1 <= int(port) <= 65535:
-            raise DirectiveError(f'invalid port in "{text}"')
-        return host, int(port)
-    return host, default_port
+        return _parse_ipv6_address(text, default_port)
+    if port_only and _DIGITS.fullmatch(text):
+        return "", _port(text, text)
+    host, colon, port = text.partition(":")
+    number = _port(port, text) if colon else default_port
+    if not host:
+        raise AddressError("no host", text)
+    return host, number
+
+
+def _parse_ipv6_address(text: str, default_port: int | None) -> tuple[str, int | None]:
+    end = text.find("]")
+    if end < 0:
+        raise AddressError("invalid host", text)
+    host, rest = text[1:end], text[end + 1:]
+    if rest and not rest.startswith(":"):
+        raise AddressError("invalid host", text)
+    number = _port(rest[1:], text) if rest else default_port
+    if not host:
+        raise AddressError("no host", text)
+    try:
+        ipaddress.IPv6Address(host)
+    except ValueError:
+        raise AddressError("invalid IPv6 address", text) from None
+    return host, number
+
+
+def _port(port: str, text: str) -> int:
+    if not _DIGITS.fullmatch(port) or not 1 <= int(port) <= 65535:
+        raise AddressError("invalid port", text)
+    return int(port)
 
 
 def _flag(value, default=None):
-    if value not in ("on", "off"):
+    if value.lower() not in ("on", "off"):
         raise DirectiveError(f'invalid value "{value}" in "{{directive}}" directive, '
                              'it must be "on" or "off"')
-    return value == "on"
+    return value.lower() == "on"
 
 
-def _time(value):
+def _time(value, is_sec=False):
     try:
-        return parse_time(value)
+        return parse_time(value, is_sec)
     except DirectiveError:
-        raise DirectiveError(f'"{{directive}}" directive invalid value "{value}"') from None
+        raise DirectiveError('"{directive}" directive invalid value') from None
 
 
 def _workers(value):
     if value == "auto":
         return None
-    if not value.isdigit() or int(value) < 1:
+    if not _DIGITS.fullmatch(value) or int(value) < 1:
+        raise DirectiveError('"{directive}" directive invalid value')
+    return int(value)
+
+
+def _number(value, min=0, default=None):
+    """``ngx_atoi`` value; nginx says ``invalid number "x"`` (worker_connections)."""
+    if not _DIGITS.fullmatch(value):
+        raise DirectiveError(f'invalid number "{value}"')
+    return _count(value, min)
+
+
+def _count(value, min=0, default=None):
+    """``ngx_atoi`` value; nginx says ``invalid value "x" in "name" directive``."""
+    if not _DIGITS.fullmatch(value) or int(value) < int(min):
         raise DirectiveError(f'invalid value "{value}" in "{{directive}}" directive')
     return int(value)
 
@@ -209,8 +273,11 @@ def _error_log(value):
 
 
 def _keepalive_timeout(value):
-    first = value[0] if isinstance(value, list) else value
-    return _time(first)
+    """``keepalive_timeout TIME [HEADER_TIME]``: the second is checked, not used."""
+    value = [value] if isinstance(value, str) else value
+    if len(value) > 1:
+        _time(value[1], is_sec=True)
+    return _time(value[0])
 
 
 def _log_format(value):
@@ -233,13 +300,16 @@ def _upstream_server(value):
     address, *params = value
     if address.startswith("unix:"):
         raise DirectiveError(f'unix socket upstream "{address}" is not supported')
-    host, port = parse_address(address, 80)
+    try:
+        host, port = parse_address(address, 80)
+    except AddressError as e:
+        raise DirectiveError(f'{e.reason} in upstream "{address}"') from None
     if not host:
         raise DirectiveError(f'no host in upstream "{address}"')
     weight = 1
     for param in params:
         name, eq, arg = param.partition("=")
-        if name == "weight" and eq and arg.isdigit() and int(arg) >= 1:
+        if name == "weight" and eq and _DIGITS.fullmatch(arg) and int(arg) >= 1:
             weight = int(arg)
         else:
             raise DirectiveError(f'invalid parameter "{param}"')
@@ -249,35 +319,53 @@ def _upstream_server(value):
 def _listen(value):
     value = [value] if isinstance(value, str) else value
     address, *params = value
-    host, port = parse_address(address, 80)
+    try:
+        host, port = parse_address(address, 80)
+    except AddressError as e:
+        raise DirectiveError(f'{e.message} of the "listen" directive') from None
     if host in ("", "*"):
         host = "0.0.0.0"
-    elif host != "localhost":
+    elif host == "localhost":
+        host = "127.0.0.1"
+    else:
         try:
-            ipaddress.ip_address(host)
+            host = str(ipaddress.ip_address(host))
         except ValueError:
             raise DirectiveError(f'host not found in "{address}" of the "listen" directive'
                                  ) from None
-    else:
-        host = "127.0.0.1"
     default_server, backlog = False, 511
     for param in params:
         if param in ("default_server", "default"):
             default_server = True
-        elif param.startswith("backlog=") and param[8:].lstrip("-").isdigit():
-            backlog = int(param[8:])
+        elif param.startswith("backlog="):
+            backlog = _backlog(param)
         else:
             raise DirectiveError(f'invalid parameter "{param}"')
     return (host, port, default_server, backlog)
 
 
+def _backlog(param: str) -> int:
+    number = param[len("backlog="):]
+    if not _DIGITS.fullmatch(number) or int(number) == 0:
+        raise DirectiveError(f'invalid backlog "{param}"')
+    return int(number)
+
+
+_MODIFIERS = ("=", "^~", "~", "~*")
+
+
 def _location(value):
-    if len(value) == 1:
-        return ("", value[0])
-    modifier, pattern = value
-    if modifier not in ("=", "^~", "~", "~*"):
-        raise DirectiveError(f'invalid location modifier "{modifier}"')
-    return (modifier, pattern)
+    """``location [modifier] pattern``; the modifier may be glued on (``=/x``, ``~\\.php$``)."""
+    if isinstance(value, list) and len(value) == 2:
+        modifier, pattern = value
+        if modifier not in _MODIFIERS:
+            raise DirectiveError(f'invalid location modifier "{modifier}"')
+        return (modifier, pattern)
+    name = value[0] if isinstance(value, list) else value
+    for modifier in ("=", "^~", "~*", "~"):
+        if name.startswith(modifier):
+            return (modifier, name[len(modifier):])
+    return ("", name)
 
 
 def _proxy_url(value):
@@ -285,14 +373,22 @@ def _proxy_url(value):
     if lower.startswith("https://"):
         raise DirectiveError("https upstreams are not supported yet")
     if not lower.startswith("http://"):
-        raise DirectiveError(f'invalid URL prefix in "{value}"')
+        raise DirectiveError("invalid URL prefix")
     rest = value[7:]
-    slash = rest.find("/")
+    slash = rest.find("/", rest.find("]") + 1 if rest.startswith("[") else 0)
     authority, uri = (rest, None) if slash < 0 else (rest[:slash], rest[slash:])
-    if not authority:
-        raise DirectiveError(f'no host in "{value}"')
-    host, port = parse_address(authority, None)
+    try:
+        host, port = parse_address(authority, None, port_only=False)
+    except AddressError as e:
+        raise DirectiveError(f'{e.reason} in upstream "{rest}"') from None
     return (authority, host, port, uri)
+
+
+def _size(value):
+    try:
+        return parse_size(value)
+    except DirectiveError:
+        raise DirectiveError('"{directive}" directive invalid value') from None
 
 
 def _occurrences(validator: Validator):
@@ -320,17 +416,10 @@ def make_validator() -> Validator:
         "keepalive_timeout": _keepalive_timeout, "log_format": _log_format,
         "access_log": _access_log, "upstream_server": _upstream_server, "listen": _listen,
         "location": _location, "proxy_url": _proxy_url,
-        "size": _size,
+        "size": _size, "number": _number, "count": _count,
     })
     v.functions["each"] = _occurrences(v)
     return v
-
-
-def _size(value):
-    try:
-        return parse_size(value)
-    except DirectiveError:
-        raise DirectiveError(f'"{{directive}}" directive invalid value "{value}"') from None
 
 
 def configspec_for(context: str) -> dict[str, str]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+COMMAND_LINE = "command line"  # the "file" of -g directives, as nginx names it
+
 
 class ConfigError(Exception):
     """A configuration error, worded like nginx's ``[emerg]`` messages.
@@ -17,7 +19,7 @@ class ConfigError(Exception):
         self.line = line
 
     def __str__(self) -> str:
-        if self.file == "command line":
+        if self.file == COMMAND_LINE:
             return f"{self.message} in command line"
         if self.file is None:
             return self.message

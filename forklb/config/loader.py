@@ -148,9 +148,9 @@ def _raise_value_error(key: str, error: Any, where: dict[str, list[Directive]]) 
     file, line = (d.file, d.line) if d else (None, None)
     if isinstance(error, D.DirectiveError):
         raise ConfigError(error.message.replace("{directive}", key), file, line)
+    # A configobj built-in check failed: nginx's generic wording.
     arg = " ".join(d.values) if d else ""
-    reason = str(error).rstrip(".")
-    raise ConfigError(f'invalid value "{arg}" in "{key}" directive: {reason}', file, line)
+    raise ConfigError(f'invalid value "{arg}" in "{key}" directive', file, line)
 
 
 def _check_types(directives: list[Directive]) -> Block:
@@ -170,6 +170,14 @@ def _fail(message: str, d: Directive) -> ConfigError:
     return ConfigError(message, d.file, d.line)
 
 
+Where = dict[str, list[Directive]]  # directive name -> the occurrences a value came from
+
+
+def _show_address(host: str, port: int) -> str:
+    """``host:port`` as nginx prints a socket address (IPv6 in brackets)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 class _Builder:
     def __init__(self, root: Block, path: str, prefix: str):
         self.root = root
@@ -178,7 +186,9 @@ class _Builder:
         self.log_formats: dict[str, LogFormat] = {"combined": self._log_format("combined",
                                                                                  COMBINED, None)}
         self.upstreams: dict[str, Upstream] = {}
-        self.upstream_where: dict[str, Directive] = {}
+        self.upstream_names: dict[str, str] = {}  # lower-case name -> name as declared
+        self.default_listens: set[tuple[str, int]] = set()  # addresses with a default server
+        self.listen_options: set[tuple[str, int]] = set()  # addresses given a backlog=
 
     def abs(self, path: str) -> str:
         if path == "stderr" or os.path.isabs(path):
@@ -226,24 +236,24 @@ class _Builder:
             self.log_formats[name] = self._log_format(name, text, d)
         for d, b in http.blocks("upstream"):
             self.upstream(d, b)
-        servers = tuple(self.server(d, b, http.values) for d, b in http.blocks("server"))
-        self._check_default_servers(servers)
+        servers = tuple(self.server(d, b, http.values, http.where)
+                        for d, b in http.blocks("server"))
         return Http(servers, MappingProxyType(dict(self.upstreams)), MappingProxyType(mime),
                     http.values["default_type"])
 
     def upstream(self, d: Directive, b: Block) -> None:
         name = d.args[0].text
-        if name in self.upstreams:
+        if name.lower() in self.upstream_names:
             raise _fail(f'duplicate upstream "{name}"', d)
         entries = b.values["server"]
         if not entries:
-            raise _fail("no servers are inside upstream", d)
+            raise ConfigError("no servers are inside upstream", d.file, d.end_line or d.line)
         servers = []
         for sd, (written, host, port, weight) in zip(b.where["server"], entries, strict=True):
             for addr in self._resolve(host, port, written, sd):
                 servers.append(UpstreamServer(written, addr, weight))
         self.upstreams[name] = Upstream(name, tuple(servers), b.values["keepalive"])
-        self.upstream_where[name] = d
+        self.upstream_names[name.lower()] = name
 
     def _resolve(self, host: str, port: int, written: str, d: Directive) -> list[tuple[str, int]]:
         try:
@@ -257,41 +267,98 @@ class _Builder:
                 out.append(addr)
         return out
 
-    def _inherit(self, block: Block, parent: dict[str, Any]) -> dict[str, Any]:
-        """nginx's merge: a value not written at this level comes from the parent."""
-        merged = dict(block.values)
+    def _inherit(self, block: Block, parent: dict[str, Any],
+                 parent_where: Where) -> tuple[dict[str, Any], Where]:
+        """nginx's merge: a value not written at this level comes from the parent.
+
+        Also returns, per directive, the occurrences the value was written at.
+        """
+        merged, where = dict(block.values), dict(block.where)
         for s in D.specs_in(block.context):
             if s.inherit and s.name not in block.explicit and s.name in parent:
                 merged[s.name] = parent[s.name]
-        return merged
+                where[s.name] = parent_where.get(s.name, [])
+        return merged, where
 
-    def server(self, d: Directive, b: Block, http_values: dict[str, Any]) -> Server:
-        values = self._inherit(b, http_values)
-        listens = tuple(Listen(h, p, ds, bl) for h, p, ds, bl in values["listen"]) or (
-            Listen("0.0.0.0", 80),)
-        names = tuple(n.lower() for n in values["server_name"])
-        locations = [
-            self._location_from(modifier, pattern, lb, self._inherit(lb, values), ld)
-            for (ld, lb), (modifier, pattern) in zip(b.blocks("location"), values["location"],
-                                                     strict=True)
-        ]
+    def server(self, d: Directive, b: Block, http_values: dict[str, Any],
+               http_where: Where) -> Server:
+        values, where = self._inherit(b, http_values, http_where)
+        listens = self._listens(values["listen"], b.where.get("listen", []))
+        names = self._server_names(values["server_name"], b.where.get("server_name", []))
+        self._check_duplicate_locations(values["location"], b.where.get("location", []))
+        locations = []
+        for (ld, lb), (modifier, pattern) in zip(b.blocks("location"), values["location"],
+                                                 strict=True):
+            loc_values, loc_where = self._inherit(lb, values, where)
+            locations.append(self._location_from(modifier, pattern, lb, loc_values, loc_where,
+                                                 ld))
         # Requests no location matches are served at server level, as in nginx.
-        locations.append(self._location_from("", "", None, values, d))
+        locations.append(self._location_from("", "", None, values, where, d))
         return Server(listens, names, tuple(locations), values["keepalive_timeout"],
                       d.file, d.line)
 
+    def _listens(self, entries: list[tuple], where: list[Directive]) -> tuple[Listen, ...]:
+        """The server's listen addresses, checked as ``ngx_http_add_addresses`` does."""
+        if not entries:
+            return (Listen("0.0.0.0", 80),)
+        listens: list[Listen] = []
+        for ld, (host, port, default_server, backlog) in zip(where, entries, strict=True):
+            listen = Listen(host, port, default_server, backlog)
+            shown = _show_address(host, port)
+            if any(other.address == listen.address for other in listens):
+                raise _fail(f"a duplicate listen {shown}", ld)
+            if any(a.text.startswith("backlog=") for a in ld.args[1:]):
+                if listen.address in self.listen_options:
+                    raise _fail(f"duplicate listen options for {shown}", ld)
+                self.listen_options.add(listen.address)
+            if default_server:
+                if listen.address in self.default_listens:
+                    raise _fail(f"a duplicate default server for {shown}", ld)
+                self.default_listens.add(listen.address)
+            listens.append(listen)
+        return tuple(listens)
+
+    def _server_names(self, lists: list[list[str]], where: list[Directive]) -> tuple[str, ...]:
+        """Every server_name directive's names; host names lower-cased, regexes as written."""
+        names: list[str] = []
+        for sd, written in zip(where, lists, strict=True):
+            for name in written:
+                if name.startswith("~"):
+                    self._compile(name[1:], re.IGNORECASE, sd)
+                    names.append(name)
+                else:
+                    names.append(name.lower())
+        return tuple(names) or ("",)
+
+    @staticmethod
+    def _compile(pattern: str, flags: int, d: Directive) -> re.Pattern[str]:
+        try:
+            return re.compile(pattern, flags)
+        except re.error as e:
+            raise _fail(f'invalid regular expression "{pattern}": {e}', d) from None
+
+    @staticmethod
+    def _check_duplicate_locations(entries: list[tuple[str, str]],
+                                   where: list[Directive]) -> None:
+        """Two exact, or two prefix (plain or ``^~``), locations may not share a pattern."""
+        seen: set[tuple[bool, str]] = set()
+        for ld, (modifier, pattern) in zip(where, entries, strict=True):
+            if modifier in ("~", "~*"):
+                continue
+            key = (modifier == "=", pattern)
+            if key in seen:
+                raise _fail(f'duplicate location "{pattern}"', ld)
+            seen.add(key)
+
     def _location_from(self, modifier: str, pattern: str, b: Block | None,
-                       values: dict[str, Any], d: Directive) -> Location:
+                       values: dict[str, Any], where: Where, d: Directive) -> Location:
         proxy = None
         if b is not None and "proxy_pass" in b.explicit:
             proxy = self._proxy_pass(values["proxy_pass"], b.where["proxy_pass"][0], modifier)
         regex = None
         if modifier in ("~", "~*"):
-            try:
-                regex = re.compile(pattern, re.IGNORECASE if modifier == "~*" else 0)
-            except re.error as e:
-                raise _fail(f'invalid regular expression "{pattern}": {e}', d) from None
-        headers = self._headers(values["proxy_set_header"], b, d)
+            regex = self._compile(pattern, re.IGNORECASE if modifier == "~*" else 0, d)
+        headers = self._headers(values["proxy_set_header"], where.get("proxy_set_header", []))
         return Location(
             modifier=modifier,
             pattern=pattern,
@@ -303,49 +370,31 @@ class _Builder:
             root=self.abs(values["root"]),
             index=tuple(values["index"]),
             keepalive_timeout=values["keepalive_timeout"],
-            access_log=self._access_logs(values["access_log"], d),
+            access_log=self._access_logs(values["access_log"], where.get("access_log", [])),
             default_type=values["default_type"],
             regex=regex,
             file=d.file,
             line=d.line,
         )
 
-    def _headers(self, pairs: list[list[str]], b: Block | None,
-                 d: Directive) -> tuple[tuple[str, Template], ...]:
-        where = b.where.get("proxy_set_header", []) if b else []
-        out = []
-        for i, (name, value) in enumerate(pairs):
-            at = where[i] if i < len(where) else d
-            out.append((name, self._template(value, at)))
-        return tuple(out)
+    def _headers(self, pairs: list[list[str]],
+                 where: list[Directive]) -> tuple[tuple[str, Template], ...]:
+        """Compile proxy_set_header values; errors point at the header's own line."""
+        return tuple((name, self._template(value, hd))
+                     for hd, (name, value) in zip(where, pairs, strict=True))
 
-    def _access_logs(self, entries: list[Any], d: Directive) -> tuple[AccessLog, ...]:
+    def _access_logs(self, entries: list[Any], where: list[Directive]) -> tuple[AccessLog, ...]:
         if not entries:
-            entries = [("logs/access.log", "combined")]
+            return (AccessLog(self.abs("logs/access.log"), self.log_formats["combined"]),)
         logs = []
-        for entry in entries:
+        for ad, entry in zip(where, entries, strict=True):
             if entry is None:  # access_log off
                 return ()
             path, fmt = entry
             if fmt not in self.log_formats:
-                raise _fail(f'unknown log format "{fmt}"', self._access_log_where(fmt, d))
+                raise _fail(f'unknown log format "{fmt}"', ad)
             logs.append(AccessLog(self.abs(path), self.log_formats[fmt]))
         return tuple(logs)
-
-    def _access_log_where(self, fmt: str, d: Directive) -> Directive:
-        # The access_log line naming the format is the most useful location;
-        # it lives somewhere under the http block.
-        def walk(block: Block) -> Directive | None:
-            for occ in block.where.get("access_log", []):
-                if len(occ.args) > 1 and occ.args[1].text == fmt:
-                    return occ
-            for _cd, child in block.children:
-                found = walk(child)
-                if found:
-                    return found
-            return None
-
-        return walk(self.root) or d
 
     def _proxy_pass(self, value: tuple, d: Directive, modifier: str) -> ProxyPass:
         authority, host, port, uri = value
@@ -353,27 +402,21 @@ class _Builder:
             raise _fail('"proxy_pass" cannot have URI part in location given by regular '
                         'expression, or inside named location, or inside "if" statement, or '
                         'inside "limit_except" block', d)
-        if port is None and host in self.upstreams:
-            return ProxyPass(host, host, uri)
+        declared = self.upstream_names.get(host.lower())
+        if declared is not None:
+            if port is not None:
+                raise _fail(f'upstream "{host}" may not have port {port}', d)
+            return ProxyPass(declared, host, uri)
+        shown_host = f"[{host}]" if ":" in host else host
+        # $proxy_host: the host, with the port as written unless it is the default.
+        proxy_host = shown_host if port in (None, 80) else authority
         port = port or 80
-        name = authority if ":" in authority else f"{host}:{port}"
+        name = f"{shown_host}:{port}"
         if name not in self.upstreams:
-            addrs = self._resolve(host, port, authority, d)
+            addrs = self._resolve(host, port, shown_host, d)
             servers = tuple(UpstreamServer(authority, a) for a in addrs)
             self.upstreams[name] = Upstream(name, servers, keepalive=32)
-        proxy_host = host if port == 80 else f"{host}:{port}"
         return ProxyPass(name, proxy_host, uri)
-
-    def _check_default_servers(self, servers: tuple[Server, ...]) -> None:
-        seen: set[tuple[str, int]] = set()
-        for server in servers:
-            for listen in server.listens:
-                if listen.default_server:
-                    if listen.address in seen:
-                        raise ConfigError(
-                            f"a duplicate default server for {listen.host}:{listen.port}",
-                            server.file, server.line)
-                    seen.add(listen.address)
 
 
 def build(root: Block, path: str, prefix: str, files: tuple[str, ...]) -> Config:

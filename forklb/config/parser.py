@@ -19,21 +19,27 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from forklb.config.errors import ConfigError
-from forklb.config.lexer import Token, tokenize
+from forklb.config.errors import COMMAND_LINE, ConfigError
+from forklb.config.lexer import Token, tokenize, unexpected_end
 
 MAX_INCLUDE_DEPTH = 32
 
 
 @dataclass(frozen=True, slots=True)
 class Directive:
-    """One directive: ``name arg...;`` or ``name arg... { children }``."""
+    """One directive: ``name arg...;`` or ``name arg... { children }``.
+
+    ``line`` is the line of the terminating ``;`` or ``{``, where nginx reports
+    the directive's errors; ``end_line`` is the line of a block's closing ``}``
+    (errors found once the block is read), else ``line``.
+    """
 
     name: str
     args: tuple[Token, ...]
     children: tuple[Directive, ...] | None
     file: str
     line: int
+    end_line: int = 0
 
     @property
     def values(self) -> tuple[str, ...]:
@@ -64,13 +70,18 @@ class Parser:
         return self.parse_text(text, name, depth)
 
     def parse_text(self, text: str, file: str, depth: int = 0) -> list[Directive]:
+        """Parse ``text``; ``file`` names it (``"command line"`` for ``-g``)."""
         eof_line = text.count("\n") + 1  # nginx counts the line after the last newline
-        return self._block(tokenize(text, file), file, eof_line, depth, opener=None)
+        directives, _end = self._block(tokenize(text, file), file, eof_line, depth, opener=None)
+        return directives
 
     def _block(
         self, tokens: Iterator[Token], file: str, eof_line: int, depth: int, opener: Token | None
-    ) -> list[Directive]:
-        """Read directives up to the ``}`` matching ``opener`` (or end of file)."""
+    ) -> tuple[list[Directive], int]:
+        """Read directives up to the ``}`` matching ``opener`` (or end of file).
+
+        Returns them with the line the block ends on.
+        """
         out: list[Directive] = []
         words: list[Token] = []
         for tok in tokens:
@@ -78,35 +89,38 @@ class Parser:
                 words.append(tok)
                 continue
             if tok.text == "}":
-                if words:
+                if words or opener is None:
                     raise ConfigError('unexpected "}"', tok.file, tok.line)
-                if opener is None:
-                    raise ConfigError('unexpected "}"', tok.file, tok.line)
-                return out
+                return out, tok.line
             if not words:
                 raise ConfigError(f'unexpected "{tok.text}"', tok.file, tok.line)
             head, args = words[0], tuple(words[1:])
             words = []
             if tok.text == ";":
                 if head.text == "include" and not head.quoted:
-                    out.extend(self._include(head, args, depth))
+                    out.extend(self._include(head, args, depth, tok.line))
                 else:
-                    out.append(Directive(head.text, args, None, head.file, head.line))
+                    out.append(Directive(head.text, args, None, tok.file, tok.line, tok.line))
             else:  # "{"
-                inner = self._block(tokens, file, eof_line, depth, opener=tok)
-                out.append(Directive(head.text, args, tuple(inner), head.file, head.line))
+                if file == COMMAND_LINE:
+                    raise ConfigError("block directives are not supported in -g option", file)
+                inner, end = self._block(tokens, file, eof_line, depth, opener=tok)
+                out.append(Directive(head.text, args, tuple(inner), tok.file, tok.line, end))
         if words:
-            raise ConfigError('unexpected end of file, expecting ";" or "}"', file, eof_line)
+            raise unexpected_end(file, eof_line)
         if opener is not None:
             raise ConfigError('unexpected end of file, expecting "}"', file, eof_line)
-        return out
+        return out, eof_line
 
-    def _include(self, head: Token, args: tuple[Token, ...], depth: int) -> list[Directive]:
+    def _include(
+        self, head: Token, args: tuple[Token, ...], depth: int, line: int
+    ) -> list[Directive]:
+        """Expand ``include`` (its ``;`` is on ``line``)."""
         if len(args) != 1:
             raise ConfigError('invalid number of arguments in "include" directive',
-                              head.file, head.line)
+                              head.file, line)
         if depth >= MAX_INCLUDE_DEPTH:
-            raise ConfigError("include nesting is too deep", head.file, head.line)
+            raise ConfigError("include nesting is too deep", head.file, line)
         pattern = args[0].text
         full = pattern if os.path.isabs(pattern) else os.path.join(self.conf_dir, pattern)
         if glob.has_magic(full):
@@ -115,7 +129,7 @@ class Parser:
             paths = [full]
         else:
             raise ConfigError(f'open() "{full}" failed (2: No such file or directory)',
-                              head.file, head.line)
+                              head.file, line)
         out: list[Directive] = []
         for path in paths:
             out.extend(self.parse_file(path, depth=depth + 1))

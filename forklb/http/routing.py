@@ -3,7 +3,8 @@
 Pure functions and tables built once per configuration: no sockets here.
 
 * :func:`normalize_path` is nginx's URI normalisation (``%XX`` decoded,
-  slashes merged, ``.`` and ``..`` resolved); ``..`` above the root is an error.
+  slashes merged, ``.`` and ``..`` resolved); ``..`` above the root, a
+  malformed ``%`` escape and an encoded NUL are errors.
 * :class:`LocationMatcher`: ``=`` exact match stops the search; otherwise the
   longest prefix is remembered; if it is ``^~`` regexes are skipped; regexes
   are tried in config order and the first match wins; else the longest prefix.
@@ -20,6 +21,8 @@ from collections.abc import Sequence
 from typing import Generic, Protocol, TypeVar
 from urllib.parse import unquote_to_bytes
 
+_BAD_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
+
 
 class BadPath(ValueError):
     """The request path cannot be normalised (nginx answers 400)."""
@@ -30,6 +33,8 @@ def normalize_path(path: str) -> str:
     if not path.startswith("/"):
         raise BadPath(path)
     if "%" in path:
+        if _BAD_ESCAPE.search(path):
+            raise BadPath(path)
         raw = unquote_to_bytes(path)
         if b"\0" in raw:
             raise BadPath(path)
@@ -114,10 +119,11 @@ class VirtualHosts(Generic[S]):
             if is_default:
                 self.default = server
             for name in names:
-                name = name.lower()
-                if name.startswith("~"):
+                if name.startswith("~"):  # compiled as written: lower-casing \S gives \s
                     self.regexes.append((re.compile(name[1:], re.IGNORECASE), server))
-                elif name.startswith("*."):
+                    continue
+                name = name.lower()
+                if name.startswith("*."):
                     leading.append((name[1:], server))
                 elif name.startswith("."):
                     self.exact.setdefault(name[1:], server)

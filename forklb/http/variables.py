@@ -35,7 +35,9 @@ def _time_local(r: Any) -> str:
 
 
 def _time_iso8601(r: Any) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(r.start_time))
+    """ISO 8601 local time with the UTC offset as ``+hh:mm`` (ngx_times.c)."""
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(r.start_time))
+    return f"{stamp[:-2]}:{stamp[-2:]}"
 
 
 def _request_time(r: Any) -> str:
@@ -78,13 +80,17 @@ VARIABLES: dict[str, Getter] = {
 
 
 def _header_getter(name: str) -> Getter:
-    """``$http_x_real_ip`` reads request header ``x-real-ip``."""
-    header = name.replace("_", "-")
+    """``$http_x_real_ip`` reads request header ``x-real-ip`` (names are lower-case)."""
+    header = name.lower().replace("_", "-")
     return lambda r: r.header(header)
 
 
 def getter(name: str) -> Getter | None:
-    """The getter for variable ``name``, or None when nginx would not know it."""
+    """The getter for variable ``name``, or None when nginx would not know it.
+
+    Names are case-insensitive, as nginx lower-cases them (``$HOST`` is ``$host``).
+    """
+    name = name.lower()
     if name.startswith("http_") and len(name) > 5:
         return _header_getter(name[5:])
     return VARIABLES.get(name)

@@ -42,7 +42,9 @@ class SmoothWeightedRoundRobin:
             raise ValueError("an upstream needs at least one peer")
         self.peers = [Peer(w, max_fails, fail_timeout) for w in weights]
         self.single = len(weights) == 1
-        self.degraded_until = 0.0  # some peer counts as failed until then
+        # Some peer counts as failed until then; -inf: no failure yet, so even a
+        # clock reading 0 (monotonic clocks may start there) is not degraded.
+        self.degraded_until = float("-inf")
 
     def degraded(self, now: float) -> bool:
         """True while a failure may still affect choices (fail_timeout not over)."""
