@@ -296,10 +296,8 @@ class Master:
     def _close_in_child(self) -> None:
         """Drop the master's private descriptors so they die with the master."""
         signal.set_wakeup_fd(-1)
-        keep = {self.life_r}
         for fd in (self.life_w, self.wake_r, self.wake_w, self.selector.fileno()):
-            if fd not in keep:
-                _close_quietly(fd)
+            _close_quietly(fd)
         for child in self.children.values():
             _close_quietly(child.status_fd)
 
