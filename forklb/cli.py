@@ -13,7 +13,7 @@ import sys
 from forklb import __version__
 from forklb.config import ConfigError, load
 from forklb.model import Config
-from forklb.pidfile import PidFileError, live_master, read_pid, remove_pid, write_pid
+from forklb.pidfile import PidFileError, live_master, read_pid
 
 SIGNALS = {
     "stop": signal.SIGTERM,
@@ -124,6 +124,10 @@ def send_signal(config: Config, name: str) -> int:
     if pid is None:
         _err("error", f"forklb is not running (no pid file {_shown(pid_path)})")
         return 1
+    if live_master(pid_path) is None and _exists(pid):
+        _err("error", f"pid {pid} in {_shown(pid_path)} is not a forklb master; "
+                      "nothing sent")
+        return 1
     try:
         os.kill(pid, SIGNALS[name])
     except ProcessLookupError:
@@ -135,14 +139,28 @@ def send_signal(config: Config, name: str) -> int:
     return 0
 
 
+def _exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def serve(config: Config, reload_config) -> int:
     from forklb.master import Master, StartupError
+    from forklb.systemd import INHERIT_ENV
 
     running = live_master(config.main.pid)
     if running is not None:
         _err("emerg", f"forklb is already running (pid {running}, pid file "
                       f"{_shown(config.main.pid)})")
         return 1
+    # A master exec'ed by USR2 is already where it should be: never detach it
+    # again (its parent, the old master, would take the exit for a failure).
+    upgrading = INHERIT_ENV in os.environ
     try:
         master = Master(config, reload_config)
         master.bind()
@@ -150,16 +168,13 @@ def serve(config: Config, reload_config) -> int:
         _err("emerg", str(e))
         return 1
     except OSError as e:
-        _err("emerg", f"{e}")
+        _err("emerg", f'open() "{e.filename}" failed ({e.errno}: {e.strerror})'
+             if e.filename else str(e))
         return 1
-    if config.main.daemon:
+    if config.main.daemon and not upgrading:
         _daemonize()
         master.pid = os.getpid()
-    write_pid(config.main.pid)
-    try:
-        return master.run()
-    finally:
-        remove_pid(config.main.pid)
+    return master.run()
 
 
 def _daemonize() -> None:

@@ -36,13 +36,16 @@ from dataclasses import dataclass, field
 
 import psutil
 
+from forklb import systemd
 from forklb.config import ConfigError
 from forklb.log import ErrorLog
 from forklb.model import Config, Listen
+from forklb.pidfile import remove_pid, write_pid
+from forklb.scoreboard import Scoreboard
 from forklb.upstream.shared import SharedUpstreamState
 
 HANDLED_SIGNALS = (signal.SIGHUP, signal.SIGQUIT, signal.SIGTERM, signal.SIGINT,
-                   signal.SIGUSR1, signal.SIGCHLD, signal.SIGWINCH)
+                   signal.SIGUSR1, signal.SIGUSR2, signal.SIGCHLD, signal.SIGWINCH)
 FAST_STOP_GRACE = 5.0  # seconds children get after TERM before SIGKILL
 BOOT_BACKOFF_MAX = 5.0
 YOUNG = 1.0  # a child that dies younger than this counts towards back-off
@@ -78,8 +81,8 @@ def worker_count(config: Config) -> int:
 def _run_worker(master: Master, gen: Generation, slot: int, status_fd: int) -> None:
     from forklb import worker  # imported only in the child: the master stays gevent-free
 
-    worker.run(gen.config, master.sockets_for(gen.config), gen.shared, slot, gen.number,
-               master.life_r, status_fd, master.pid)
+    worker.run(gen.config, master.sockets_for(gen.config), gen.shared, gen.scoreboard, slot,
+               gen.number, master.life_r, status_fd, master.pid)
 
 
 ROLES: tuple[Role, ...] = (Role("worker", worker_count, _run_worker),)
@@ -93,6 +96,7 @@ class Child:
     generation: int
     status_fd: int
     started: float
+    scoreboard: Scoreboard
     ready: bool = False
     stopping: bool = False  # we asked it to stop; its death is expected
     kill_at: float | None = None  # SIGKILL deadline once asked to stop
@@ -105,12 +109,14 @@ class Generation:
     number: int
     config: Config
     shared: SharedUpstreamState = field(init=False)
+    scoreboard: Scoreboard = field(init=False)
     deaths: dict[tuple[str, int], int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        # Created before any of the generation's workers forks, so all map it;
-        # it outlives worker respawns and is replaced by a reload.
+        # Created before any of the generation's workers forks, so all map them;
+        # they outlive worker respawns and are replaced by a reload.
         self.shared = SharedUpstreamState(self.config.http.upstreams)
+        self.scoreboard = Scoreboard(worker_count(self.config))
 
 
 class Master:
@@ -132,12 +138,32 @@ class Master:
         self.selector = selectors.DefaultSelector()
         self.life_r = self.life_w = -1
         self.wake_r = self.wake_w = -1
+        self.pid_path = config.main.pid  # becomes PATH.oldbin during a binary upgrade
+        self.new_master: int | None = None  # pid of the exec'ed binary during USR2
+        self.workers_stopped = False  # after WINCH: no workers until HUP
 
     # -- start-up --
     def bind(self) -> None:
-        """Bind every configured address (before forking: errors are fatal here)."""
+        """Bind every configured address (before forking: errors are fatal here).
+
+        Sockets handed over by a previous master (USR2) or by systemd are used
+        for the addresses they are bound to; the rest are bound here.
+        """
+        inherited = {}
+        for fd in systemd.inherited_fds():
+            sock = socket.socket(fileno=fd)
+            inherited[sock.getsockname()[:2]] = sock
         for listen in self.config.listen_addresses():
-            self.sockets[listen.address] = self._bind(listen)
+            sock = inherited.pop(listen.address, None)
+            if sock is None:
+                sock = self._bind(listen)
+            else:
+                sock.setblocking(False)
+                sock.set_inheritable(True)
+            self.sockets[listen.address] = sock
+        for address, sock in inherited.items():
+            self.log.notice(f"closing inherited socket {address[0]}:{address[1]}: not in config")
+            sock.close()
 
     def _bind(self, listen: Listen) -> socket.socket:
         family = socket.AF_INET6 if ":" in listen.host else socket.AF_INET
@@ -151,8 +177,11 @@ class Master:
         except OSError as e:
             sock.close()
             host = f"[{listen.host}]" if family == socket.AF_INET6 else listen.host
+            hint = ""
+            if e.errno == errno.EACCES and listen.port < 1024 and os.geteuid() != 0:
+                hint = "; ports below 1024 need root (or CAP_NET_BIND_SERVICE)"
             raise StartupError(f"bind() to {host}:{listen.port} failed "
-                               f"({e.errno}: {e.strerror})") from None
+                               f"({e.errno}: {e.strerror}){hint}") from None
         # Non-blocking is essential: a blocking shared listener hangs the worker
         # that loses the accept race.  Inheritable for a future binary upgrade.
         sock.setblocking(False)
@@ -165,7 +194,17 @@ class Master:
     def run(self) -> int:
         """The master loop; returns the exit status."""
         self._setup()
+        try:
+            write_pid(self.pid_path)
+        except OSError as e:
+            sys.stderr.write(f'forklb: [emerg] open() "{self.pid_path}" failed '
+                             f"({e.errno}: {e.strerror})\n")
+            self._cleanup()
+            return 1
         self.log.notice(f"forklb master process started, {self._describe()}")
+        if self.config.main.user and os.geteuid() != 0:
+            self.log.warn('the "user" directive makes sense only if the master process runs '
+                          "with super-user privileges, ignored")
         self._spawn_generation(self.generation)
         try:
             while True:
@@ -210,6 +249,7 @@ class Master:
         for sock in self.sockets.values():
             sock.close()
         self.sockets.clear()
+        remove_pid(self.pid_path)
 
     # -- the loop --
     def _wait(self) -> None:
@@ -243,8 +283,10 @@ class Master:
             self.log.notice("reopening logs")
             self.log.reopen()
             self._signal_all(signal.SIGUSR1)
+        elif signum == signal.SIGUSR2:
+            self.upgrade()
         elif signum == signal.SIGWINCH:
-            self.log.notice("SIGWINCH: not supported yet, ignored")
+            self.stop_workers()
 
     def _read_status(self, fd: int, child: Child) -> None:
         try:
@@ -266,11 +308,18 @@ class Master:
                 role_name, slot = key
                 role = next(r for r in ROLES if r.name == role_name)
                 self._spawn(role, slot, self.generation)
+        timeout = self.config.main.worker_timeout
         for child in list(self.children.values()):
             if child.kill_at is not None and now >= child.kill_at:
                 self.log.warn(f"{child.role.name} process {child.pid} did not exit, killing it")
                 self._kill(child.pid, signal.SIGKILL)
                 child.kill_at = None
+            elif timeout and child.ready and not child.stopping:
+                silent = child.scoreboard.silence(child.slot, now)
+                if silent > timeout:
+                    self.log.alert(f"{child.role.name} process {child.pid} is stuck (event loop "
+                                   f"silent for {silent:.1f}s), killing it")
+                    self._kill(child.pid, signal.SIGKILL)
 
     # -- children --
     def _spawn_generation(self, gen: Generation) -> None:
@@ -279,6 +328,7 @@ class Master:
                 self._spawn(role, slot, gen)
 
     def _spawn(self, role: Role, slot: int, gen: Generation) -> None:
+        gen.scoreboard.beat(slot)  # a fresh child starts with a fresh heartbeat
         status_r, status_w = os.pipe()
         pid = os.fork()
         if pid == 0:  # child
@@ -289,7 +339,7 @@ class Master:
             finally:
                 os._exit(1)
         os.close(status_w)
-        child = Child(pid, role, slot, gen.number, status_r, time.monotonic())
+        child = Child(pid, role, slot, gen.number, status_r, time.monotonic(), gen.scoreboard)
         self.children[pid] = child
         self.selector.register(status_r, selectors.EVENT_READ, child)
 
@@ -309,6 +359,9 @@ class Master:
                 return
             if pid == 0:
                 return
+            if pid == self.new_master:
+                self._on_new_master_exit(status)
+                continue
             child = self.children.pop(pid, None)
             if child is None:
                 continue
@@ -321,7 +374,7 @@ class Master:
 
     def _on_exit(self, child: Child, status: int) -> None:
         how = _describe_status(status)
-        if child.stopping or self.stopping:
+        if child.stopping or self.stopping or self.workers_stopped:
             self.log.notice(f"{child.role.name} process {child.pid} exited {how}")
             self._close_unused_sockets()
             return
@@ -357,6 +410,7 @@ class Master:
                                 if c.generation == self.generation.number):
             self.booting = False
             self.log.notice("all workers ready")
+            systemd.notify(f"READY=1\nMAINPID={self.pid}\nSTATUS=serving")
         if self.pending and all(c.ready for c in self.children.values()
                                 if c.generation == self.pending.number):
             self._promote_pending()
@@ -403,14 +457,26 @@ class Master:
         self.stopping = how
         self.respawn_due.clear()
         self.log.notice(f"{'fast' if how == 'fast' else 'graceful'} shutdown")
+        systemd.notify("STOPPING=1")
         if how == "fast":
             self._stop_children(signal.SIGTERM, FAST_STOP_GRACE)
         else:
             grace = self.config.main.worker_shutdown_timeout + FAST_STOP_GRACE
             self._stop_children(signal.SIGQUIT, grace)
+        # Workers close their copies as they stop; closing ours too makes new
+        # connections fail at once instead of waiting in a backlog nobody serves.
+        for sock in self.sockets.values():
+            sock.close()
+        self.sockets.clear()
 
     def reload(self) -> None:
         if self.stopping:
+            return
+        if self.workers_stopped:
+            # nginx: HUP after WINCH starts workers again, without re-reading the config.
+            self.log.notice("signal HUP received, starting workers again")
+            self.workers_stopped = False
+            self._start_generation(self.generation.config)
             return
         self.log.notice("signal HUP received, reconfiguring")
         try:
@@ -430,6 +496,10 @@ class Master:
                 self.sockets.pop(address).close()
             self.log.emerg(f"{e}; the running configuration is kept")
             return
+        self._start_generation(config)
+
+    def _start_generation(self, config: Config) -> None:
+        """Start workers for ``config``; they replace the current ones once all are ready."""
         if self.pending is not None:
             self._abandon_pending()
         self.generations_started += 1
@@ -459,6 +529,63 @@ class Master:
         grace = new.config.main.worker_shutdown_timeout + FAST_STOP_GRACE
         self._stop_children(signal.SIGQUIT, grace, old_numbers)
         self._close_unused_sockets()
+
+    def stop_workers(self) -> None:
+        """WINCH: stop the workers gracefully, keep the master and its sockets.
+
+        Used with a binary upgrade: the old master stays ready to take over
+        again (HUP) should the new binary misbehave.
+        """
+        if self.stopping:
+            return
+        self.log.notice("signal WINCH received, stopping workers gracefully")
+        self.workers_stopped = True
+        self.respawn_due.clear()
+        if self.pending is not None:
+            self._abandon_pending()
+        grace = self.config.main.worker_shutdown_timeout + FAST_STOP_GRACE
+        self._stop_children(signal.SIGQUIT, grace)
+
+    def upgrade(self) -> None:
+        """USR2: start a new master from the current binary with our listening sockets.
+
+        The pid file becomes ``PATH.oldbin`` so that the new master can write
+        its own; if the new master exits, the name is restored and this master
+        goes on as before.  The operator then sends QUIT (or WINCH) here.
+        """
+        if self.new_master is not None or self.stopping:
+            self.log.notice("USR2 ignored: an upgrade is already running")
+            return
+        oldbin = self.config.main.pid + ".oldbin"
+        try:
+            os.rename(self.pid_path, oldbin)
+        except OSError as e:
+            self.log.alert(f'rename() "{self.pid_path}" to "{oldbin}" failed ({e}), '
+                           "upgrade cancelled")
+            return
+        self.pid_path = oldbin
+        env = dict(os.environ)
+        env[systemd.INHERIT_ENV] = ";".join(str(s.fileno()) for s in self.sockets.values())
+        argv = [sys.executable, *sys.orig_argv[1:]]
+        pid = os.fork()
+        if pid == 0:
+            try:
+                signal.set_wakeup_fd(-1)
+                os.execve(sys.executable, argv, env)
+            finally:
+                os._exit(127)
+        self.new_master = pid
+        self.log.notice(f"started new binary process {pid}: {' '.join(argv)}")
+
+    def _on_new_master_exit(self, status: int) -> None:
+        self.log.alert(f"new binary process {self.new_master} exited "
+                       f"{_describe_status(status)}; this master keeps serving")
+        self.new_master = None
+        try:
+            os.rename(self.pid_path, self.config.main.pid)
+            self.pid_path = self.config.main.pid
+        except OSError as e:
+            self.log.alert(f'rename() "{self.pid_path}" back failed ({e})')
 
     def _close_unused_sockets(self) -> None:
         """Close addresses that no live configuration of any child uses."""

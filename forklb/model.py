@@ -111,6 +111,21 @@ class Main:
     error_log: str  # absolute path, or "stderr"
     error_log_level: str
     daemon: bool
+    worker_timeout: float = 10.0  # a worker whose loop stalls this long is killed; 0 = never
+    user: tuple[int, int, str, str] | None = None  # (uid, gid, user, group) for workers
+    worker_rlimit_nofile: int | None = None
+    # ("auto", allowed CPUs or None) or ("masks", one CPU tuple per worker); None = unset
+    worker_cpu_affinity: tuple | None = None
+
+    def cpus_for(self, slot: int, usable: tuple[int, ...]) -> tuple[int, ...] | None:
+        """CPUs worker ``slot`` is bound to, or None when no affinity is configured."""
+        if self.worker_cpu_affinity is None:
+            return None
+        kind, arg = self.worker_cpu_affinity
+        if kind == "masks":
+            return arg[min(slot, len(arg) - 1)]  # nginx: the last mask serves the rest
+        allowed = [c for c in usable if arg is None or c in arg] or list(usable)
+        return (allowed[slot % len(allowed)],)
 
 
 @dataclass(frozen=True, slots=True)

@@ -28,6 +28,7 @@ from typing import Any
 
 from forklb.log import AccessLogFile, ErrorLog
 from forklb.model import Config, Location, Server
+from forklb.scoreboard import Scoreboard
 from forklb.upstream.shared import SharedUpstreamState
 
 DRAIN_TICK = 0.1
@@ -86,10 +87,11 @@ class LocationRuntime:
 
 class Worker:
     def __init__(self, config: Config, sockets: dict[tuple[str, int], stdlib_socket.socket],
-                 shared: SharedUpstreamState, slot: int, generation: int, life_fd: int,
-                 status_fd: int, master_pid: int):
+                 shared: SharedUpstreamState, scoreboard: Scoreboard, slot: int,
+                 generation: int, life_fd: int, status_fd: int, master_pid: int):
         self.config = config
         self.shared = shared
+        self.scoreboard = scoreboard
         self.inherited = sockets
         self.slot = slot
         self.generation = generation
@@ -109,7 +111,9 @@ class Worker:
         code = 0
         try:
             self._setup_process()
-            self._build()
+            self._apply_limits()
+            self._build()  # opens log files: before giving up root
+            self._drop_privileges()
             self._serve()
         except SystemExit as e:
             code = e.code if isinstance(e.code, int) else 1
@@ -141,6 +145,39 @@ class Worker:
         gevent.signal_handler(signal.SIGTERM, self.fast_stop)
         gevent.signal_handler(signal.SIGINT, self.fast_stop)
         gevent.signal_handler(signal.SIGUSR1, self.reopen_logs)
+
+    def _apply_limits(self) -> None:
+        """worker_rlimit_nofile and worker_cpu_affinity (psutil), while still root."""
+        import resource
+
+        import psutil
+
+        main = self.config.main
+        if main.worker_rlimit_nofile:
+            n = main.worker_rlimit_nofile
+            try:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (n, n))
+            except (ValueError, OSError) as e:
+                self.log.alert(f"setrlimit(RLIMIT_NOFILE, {n}) failed ({e})")
+        proc = psutil.Process()
+        cpus = main.cpus_for(self.slot, tuple(sorted(proc.cpu_affinity())))
+        if cpus is not None:
+            try:
+                proc.cpu_affinity(list(cpus))
+            except (ValueError, OSError, psutil.Error) as e:
+                self.log.alert(f"sched_setaffinity({list(cpus)}) failed ({e})")
+
+    def _drop_privileges(self) -> None:
+        """``user``: switch to the configured user and group (only root can)."""
+        user = self.config.main.user
+        if user is None or os.geteuid() != 0:
+            return
+        uid, gid, name, group = user
+        os.setgroups([])
+        os.setgid(gid)
+        os.setuid(uid)
+        # The kernel clears the parent-death signal when credentials change.
+        _die_with_parent(self.master_pid)
 
     def _build(self) -> None:
         from forklb.http.protocol import HttpDate
@@ -197,6 +234,7 @@ class Worker:
         self.exit_event = Event()
         gevent.spawn(self._watch_master)
         gevent.spawn(self._flush_access_logs_periodically)
+        gevent.spawn(self._heartbeat)
         os.write(self.status_fd, b"R")
         self.exit_event.wait()
 
@@ -278,6 +316,14 @@ class Worker:
         while True:
             gevent.sleep(1.0)
             self._flush_logs()
+
+    def _heartbeat(self) -> None:
+        import gevent
+
+        interval = min(1.0, (self.config.main.worker_timeout or 4.0) / 4)
+        while True:
+            self.scoreboard.beat(self.slot)
+            gevent.sleep(interval)
 
     def _watch_master(self) -> None:
         from gevent.socket import wait_read

@@ -61,6 +61,10 @@ TABLE: tuple[Spec, ...] = (
     _spec("error_log", [MAIN], (1, 2), check="error_log(default=list('logs/error.log', 'error'))"),
     _spec("daemon", [MAIN], 1, check="flag(default=off)"),
     _spec("worker_shutdown_timeout", [MAIN], 1, check="time(default=30s)"),
+    _spec("worker_timeout", [MAIN], 1, check="time(default=10s)"),
+    _spec("user", [MAIN], (1, 2), check="user(default=None)"),
+    _spec("worker_rlimit_nofile", [MAIN], 1, check="number(min=1, default=None)"),
+    _spec("worker_cpu_affinity", [MAIN], (1, ANY), check="cpu_affinity(default=None)"),
     _spec("events", [MAIN], 0, block=EVENTS),
     _spec("http", [MAIN], 0, block=HTTP),
     # events
@@ -272,6 +276,48 @@ def _error_log(value):
     return (path, level)
 
 
+def _user(value):
+    """``user NAME [GROUP]`` resolved now: (uid, gid, name, group).  GROUP defaults
+    to NAME, as in nginx."""
+    import grp
+    import pwd
+
+    value = [value] if isinstance(value, str) else value
+    name = value[0]
+    group = value[1] if len(value) > 1 else name
+    try:
+        uid = pwd.getpwnam(name).pw_uid
+    except KeyError:
+        raise DirectiveError(f'getpwnam("{name}") failed') from None
+    try:
+        gid = grp.getgrnam(group).gr_gid
+    except KeyError:
+        raise DirectiveError(f'getgrnam("{group}") failed') from None
+    return (uid, gid, name, group)
+
+
+def _cpu_affinity(value):
+    """``auto [MASK]`` or one bit mask per worker (rightmost bit = CPU 0).
+
+    Returns ("auto", cpus allowed or None) or ("masks", tuple of CPU tuples).
+    """
+    value = [value] if isinstance(value, str) else value
+    if value[0] == "auto":
+        if len(value) > 2:
+            raise DirectiveError('invalid number of arguments in "{directive}" directive')
+        return ("auto", _mask(value[1]) if len(value) == 2 else None)
+    return ("masks", tuple(_mask(m) for m in value))
+
+
+def _mask(text: str) -> tuple[int, ...]:
+    if not text or len(text) > 64 or set(text) - {"0", "1"}:
+        raise DirectiveError(f'invalid character in "{text}" of "{{directive}}"')
+    cpus = tuple(i for i, bit in enumerate(reversed(text)) if bit == "1")
+    if not cpus:
+        raise DirectiveError(f'"{{directive}}" mask "{text}" selects no CPU')
+    return cpus
+
+
 def _keepalive_timeout(value):
     """``keepalive_timeout TIME [HEADER_TIME]``: the second is checked, not used."""
     value = [value] if isinstance(value, str) else value
@@ -416,7 +462,8 @@ def make_validator() -> Validator:
         "keepalive_timeout": _keepalive_timeout, "log_format": _log_format,
         "access_log": _access_log, "upstream_server": _upstream_server, "listen": _listen,
         "location": _location, "proxy_url": _proxy_url,
-        "size": _size, "number": _number, "count": _count,
+        "size": _size, "number": _number, "count": _count, "user": _user,
+        "cpu_affinity": _cpu_affinity,
     })
     v.functions["each"] = _occurrences(v)
     return v

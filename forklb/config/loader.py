@@ -219,6 +219,10 @@ class _Builder:
             error_log=self.abs(error_path),
             error_log_level=level,
             daemon=v["daemon"],
+            worker_timeout=v["worker_timeout"],
+            user=v["user"],
+            worker_rlimit_nofile=v["worker_rlimit_nofile"],
+            worker_cpu_affinity=v["worker_cpu_affinity"],
         )
 
     def http(self) -> Http:

@@ -241,8 +241,9 @@ class ClientConnection:
                 return None
             waiting_for_new = not self.pending
             if waiting_for_new:
-                if self.worker.stopping:
-                    return None
+                # Even when the worker is stopping: the client may already be sending
+                # its next request (it will get "Connection: close"); the drain loop
+                # closes the connection once it has been idle for a while.
                 self.idle = True
                 self.idle_since = self.worker.now()
             data = self._recv(keepalive_timeout if waiting_for_new else CLIENT_HEADER_TIMEOUT)
@@ -335,7 +336,9 @@ class ClientConnection:
                 keepalive_timeout = ex.location.keepalive_timeout
                 if keepalive_timeout <= 0:
                     self.must_close = True
-            if not self.keep_alive_after(ex):
+            # What the response announced decides, not the state now: a worker told
+            # to stop after answering "keep-alive" must still serve the next request.
+            if self.must_close:
                 return
 
     def handle(self, ex: Exchange) -> None:
