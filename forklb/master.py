@@ -178,7 +178,7 @@ class Master:
             sock.close()
             host = f"[{listen.host}]" if family == socket.AF_INET6 else listen.host
             hint = ""
-            if e.errno == errno.EACCES and listen.port < 1024 and os.geteuid() != 0:
+            if e.errno == errno.EACCES and listen.port < 1024:
                 hint = "; ports below 1024 need root (or CAP_NET_BIND_SERVICE)"
             raise StartupError(f"bind() to {host}:{listen.port} failed "
                                f"({e.errno}: {e.strerror}){hint}") from None

@@ -137,7 +137,18 @@ class Worker:
 
         monkey.patch_all()
         import gevent
+
+        # Everything the worker will ever import, while it can still read the
+        # files: after "user" drops root it may not be able to.
+        import gevent.event  # noqa: F401
+        import gevent.pool  # noqa: F401
+        import gevent.server  # noqa: F401
+        import gevent.socket  # noqa: F401
         import setproctitle
+
+        import forklb.http.connection  # noqa: F401
+        import forklb.http.proxy  # noqa: F401
+        import forklb.http.static  # noqa: F401
 
         setproctitle.setproctitle("forklb: worker process")
         self.now = gevent.get_hub().loop.now  # the loop's cached clock: no syscall

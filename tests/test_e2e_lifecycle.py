@@ -71,14 +71,16 @@ def test_stop_frees_port_and_ends_every_process(forklb_factory, py_backend_facto
 
 def test_quit_finishes_in_flight_request(forklb_factory, py_backend_factory):
     lb, port = _lb(forklb_factory, py_backend_factory, workers=1)
-    client = HttpClient(port)
-    client.send(b"GET /?__delay=1.0 HTTP/1.1\r\nHost: x\r\n\r\n")
+    client = HttpClient(port, timeout=15)
+    client.send(b"GET /?__delay=5.0 HTTP/1.1\r\nHost: x\r\n\r\n")
     time.sleep(0.3)  # the request is in flight at the backend
+    t_quit = time.monotonic()
     assert lb.cli("-s", "quit").returncode == 0
     r = client.read_response()
     assert r.status == 200 and r.text == "b1\n"
     assert r.header("connection") == "close"
     wait_for(lambda: not lb.running, timeout=10, message="master did not exit after QUIT")
+    assert time.monotonic() - t_quit >= 4.5  # it waited for the slow request
     assert not port_is_open(port)
 
 
