@@ -18,8 +18,12 @@ Modelled on gunicorn's arbiter.  One class, one loop, no threads and no gevent
 Reload (HUP) parses the new configuration first; if it is bad the error is
 logged and nothing changes.  Otherwise new addresses are bound, a new
 generation of workers is started, and only once all of them report ready are
-the previous generation's workers sent QUIT.  Addresses no longer configured
-are closed when no worker of an older generation is left.
+the previous generation's workers sent QUIT.  At most two generations live at
+once (a HUP during a change waits for it).  Addresses no longer configured are
+closed when no worker of an older generation is left.
+
+USR2 execs a new master that inherits the listening sockets; WINCH stops the
+workers only; a worker whose heartbeat (scoreboard) goes silent is killed.
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ FAST_STOP_GRACE = 5.0  # seconds children get after TERM before SIGKILL
 BOOT_BACKOFF_MAX = 5.0
 YOUNG = 1.0  # a child that dies younger than this counts towards back-off
 TICK = 0.5
+PENDING_BOOT_TIMEOUT = 30.0  # a reload's workers must all be ready within this
 
 
 class StartupError(Exception):
@@ -131,6 +136,8 @@ class Master:
         self.generation = Generation(1, config)
         self.generations_started = 1
         self.pending: Generation | None = None  # a reload waiting for its workers to be ready
+        self.pending_deadline = 0.0
+        self.reload_queued = False  # HUP while a generation starts or drains: later
         self.booting = True  # until the first generation is all ready
         self.stopping: str | None = None  # "graceful" or "fast"
         self.stop_deadline = 0.0
@@ -302,6 +309,12 @@ class Master:
 
     def _tick(self) -> None:
         now = time.monotonic()
+        if self.pending is not None and now > self.pending_deadline:
+            self.log.emerg(f"generation {self.pending.number} not ready after "
+                           f"{PENDING_BOOT_TIMEOUT:g}s; keeping the running configuration")
+            self._abandon_pending()
+        if self.reload_queued and self.pending is None and not self._draining():
+            self.reload()
         for key, due in list(self.respawn_due.items()):
             if now >= due and not self.stopping:
                 del self.respawn_due[key]
@@ -470,6 +483,9 @@ class Master:
         self.sockets.clear()
 
     def reload(self) -> None:
+        """HUP.  At most two generations of workers live at once: while one is
+        starting or an old one is still draining, the reload waits (several
+        HUPs meanwhile make one reload, of the newest file)."""
         if self.stopping:
             return
         if self.workers_stopped:
@@ -478,6 +494,13 @@ class Master:
             self.workers_stopped = False
             self._start_generation(self.generation.config)
             return
+        if self.pending is not None or self._draining():
+            if not self.reload_queued:
+                self.log.notice("signal HUP received; reloading once the previous "
+                                "generation change is over")
+            self.reload_queued = True
+            return
+        self.reload_queued = False
         self.log.notice("signal HUP received, reconfiguring")
         try:
             config = self.reload_config()
@@ -498,12 +521,16 @@ class Master:
             return
         self._start_generation(config)
 
+    def _draining(self) -> bool:
+        return any(c.generation < self.generation.number for c in self.children.values())
+
     def _start_generation(self, config: Config) -> None:
         """Start workers for ``config``; they replace the current ones once all are ready."""
         if self.pending is not None:
             self._abandon_pending()
         self.generations_started += 1
         self.pending = Generation(self.generations_started, config)
+        self.pending_deadline = time.monotonic() + PENDING_BOOT_TIMEOUT
         self.log.notice(f"starting generation {self.pending.number}")
         self._spawn_generation(self.pending)
 

@@ -92,3 +92,30 @@ def test_killed_worker_under_load_costs_only_its_own_requests(cluster):
     assert clients.ok > 100
     # At most one failed request per client connection the dead worker held.
     assert len(clients.failures) <= min(6, victim_conns), clients.failures
+
+
+def test_quick_reloads_keep_at_most_two_generations_and_apply_the_last(cluster):
+    lb, port, conf = cluster
+    master = psutil.Process(lb.master_pid)
+    lb.write_conf(conf(3))
+    assert lb.cli("-s", "reload").returncode == 0
+    lb.write_conf(conf(5))
+    assert lb.cli("-s", "reload").returncode == 0
+    most = 0
+    deadline = time.monotonic() + 8
+    while time.monotonic() < deadline:
+        most = max(most, len(master.children()))
+        time.sleep(0.01)
+    assert most <= 4, f"{most} workers at once: more than two generations of 2"
+    assert len(lb.worker_pids()) == 2
+    # No orphans: every forklb worker on the machine that came from this test's
+    # master is still its child (none re-parented to init).
+    for proc in psutil.process_iter(["ppid", "cmdline"]):
+        cmd = " ".join(proc.info["cmdline"] or [])
+        if cmd.startswith("forklb: worker process") and proc.info["ppid"] == 1:
+            raise AssertionError(f"orphaned worker {proc.pid}")
+    # The newest file (weights 5:1) is what serves: 6 requests, 5 to web01.
+    from harness import http_request
+
+    bodies = [http_request(port, "/").text.strip() for _ in range(6)]
+    assert bodies.count("web01") == 5, bodies
