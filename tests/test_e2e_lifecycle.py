@@ -102,7 +102,7 @@ def test_workers_exit_when_master_is_killed(forklb_factory, py_backend_factory):
     lb, port = _lb(forklb_factory, py_backend_factory)
     workers = lb.worker_pids()
     os.kill(lb.master_pid, signal.SIGKILL)
-    wait_for(lambda: not any(pid_alive(p) for p in workers), timeout=2.5,
+    wait_for(lambda: not any(pid_alive(p) for p in workers), timeout=2.0,
              message="workers outlived their master")
 
 

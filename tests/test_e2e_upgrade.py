@@ -161,3 +161,31 @@ def _ok(port: int) -> bool:
         return http_request(port).status == 200
     except OSError:
         return False
+
+
+def test_usr2_then_quit_under_wrk_keepalive_and_close(nginx_backend_factory, forklb_factory):
+    from load import start_wrk, wrk_result
+
+    backend = nginx_backend_factory("web01")
+    port = free_port()
+    lb = forklb_factory(CONF.format(backend=backend.port, port=port))
+    lb.start(wait_ports=[port], workers=2)
+    old = lb.master_pid
+    runs = [start_wrk(port, seconds=8, connections=10, close=close) for close in (False, True)]
+    new = None
+    try:
+        time.sleep(1.5)
+        os.kill(old, signal.SIGUSR2)
+        new = _new_master(lb, old)
+        wait_for(lambda: len([c for c in _children(new) if "worker" in c]) == 2, timeout=10)
+        time.sleep(1.0)
+        os.kill(old, signal.SIGQUIT)
+        wait_for(lambda: not pid_alive(old), timeout=15, message="old master did not exit")
+    finally:
+        results = [wrk_result(w) for w in runs]
+        if new is not None:
+            os.kill(new, signal.SIGTERM)
+            wait_for(lambda: not pid_alive(new), timeout=10)
+    for r in results:
+        assert r.requests > 500, r.output
+        assert r.errors == 0, r.output
