@@ -21,11 +21,11 @@ import fcntl
 import os
 import signal
 import socket as stdlib_socket
-import sys
 import termios
 from dataclasses import dataclass
 from typing import Any
 
+from forklb.child import drop_privileges, reset_signals, start_gevent, watch_master
 from forklb.log import AccessLogFile, ErrorLog
 from forklb.model import Config, Location, Server
 from forklb.scoreboard import Scoreboard
@@ -113,7 +113,7 @@ class Worker:
             self._setup_process()
             self._apply_limits()
             self._build()  # opens log files: before giving up root
-            self._drop_privileges()
+            drop_privileges(self.config.main.user, self.master_pid)
             self._serve()
         except SystemExit as e:
             code = e.code if isinstance(e.code, int) else 1
@@ -125,32 +125,21 @@ class Worker:
         os._exit(code)
 
     def _setup_process(self) -> None:
-        signal.set_wakeup_fd(-1)
-        for sig in (signal.SIGHUP, signal.SIGQUIT, signal.SIGTERM, signal.SIGINT, signal.SIGUSR1,
-                    signal.SIGUSR2, signal.SIGWINCH, signal.SIGCHLD):
-            signal.signal(sig, signal.SIG_DFL)
-        signal.signal(signal.SIGHUP, signal.SIG_IGN)
-        signal.signal(signal.SIGWINCH, signal.SIG_IGN)
-        _die_with_parent(self.master_pid)
-
-        from gevent import monkey
-
-        monkey.patch_all()
-        import gevent
+        reset_signals(self.master_pid)
+        start_gevent("forklb: worker process")
 
         # Everything the worker will ever import, while it can still read the
         # files: after "user" drops root it may not be able to.
+        import gevent
         import gevent.event  # noqa: F401
         import gevent.pool  # noqa: F401
         import gevent.server  # noqa: F401
         import gevent.socket  # noqa: F401
-        import setproctitle
 
         import forklb.http.connection  # noqa: F401
         import forklb.http.proxy  # noqa: F401
         import forklb.http.static  # noqa: F401
 
-        setproctitle.setproctitle("forklb: worker process")
         self.now = gevent.get_hub().loop.now  # the loop's cached clock: no syscall
         gevent.signal_handler(signal.SIGQUIT, self.graceful_stop)
         gevent.signal_handler(signal.SIGTERM, self.fast_stop)
@@ -177,18 +166,6 @@ class Worker:
                 proc.cpu_affinity(list(cpus))
             except (ValueError, OSError, psutil.Error) as e:
                 self.log.alert(f"sched_setaffinity({list(cpus)}) failed ({e})")
-
-    def _drop_privileges(self) -> None:
-        """``user``: switch to the configured user and group (only root can)."""
-        user = self.config.main.user
-        if user is None or os.geteuid() != 0:
-            return
-        uid, gid, name, group = user
-        os.setgroups([])
-        os.setgid(gid)
-        os.setuid(uid)
-        # The kernel clears the parent-death signal when credentials change.
-        _die_with_parent(self.master_pid)
 
     def _build(self) -> None:
         from forklb.http.protocol import HttpDate
@@ -243,7 +220,7 @@ class Worker:
             server.start()
             self.servers.append(server)
         self.exit_event = Event()
-        gevent.spawn(self._watch_master)
+        gevent.spawn(watch_master, self.life_fd, self._master_gone)
         gevent.spawn(self._flush_access_logs_periodically)
         gevent.spawn(self._heartbeat)
         os.write(self.status_fd, b"R")
@@ -336,14 +313,9 @@ class Worker:
             self.scoreboard.beat(self.slot)
             gevent.sleep(interval)
 
-    def _watch_master(self) -> None:
-        from gevent.socket import wait_read
-
-        while True:
-            wait_read(self.life_fd)
-            if not os.read(self.life_fd, 64):
-                self.log.alert("master process exited, worker exiting")
-                self.fast_stop()
+    def _master_gone(self) -> None:
+        self.log.alert("master process exited, worker exiting")
+        self.fast_stop()
 
 
 def _bytes_waiting(sock) -> int:
@@ -354,21 +326,6 @@ def _bytes_waiting(sock) -> int:
         return buf[0]
     except OSError:
         return 0
-
-
-def _die_with_parent(master_pid: int) -> None:
-    """Ask the kernel to TERM us when the master dies (Linux); check for a lost race."""
-    if sys.platform.startswith("linux"):
-        try:
-            import ctypes
-
-            libc = ctypes.CDLL(None, use_errno=True)
-            PR_SET_PDEATHSIG = 1
-            libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-        except OSError:
-            pass
-    if os.getppid() != master_pid:
-        os._exit(0)
 
 
 def run(*args, **kwargs) -> None:

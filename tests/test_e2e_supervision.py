@@ -54,10 +54,13 @@ def test_stuck_worker_is_killed_and_replaced(forklb_factory, py_backend_factory)
 def test_user_directive_drops_worker_privileges(forklb_factory, py_backend_factory):
     lb, port = _lb(forklb_factory, py_backend_factory, "user nobody nogroup;")
     nobody = psutil.Process(lb.worker_pids()[0])
-    for pid in lb.worker_pids():
+
+    def dropped(pid: int) -> bool:  # titles are set before root is given up: wait for it
         uids, gids = psutil.Process(pid).uids(), psutil.Process(pid).gids()
-        assert uids.real == uids.effective == 65534
-        assert gids.real == gids.effective == 65534
+        return uids.real == uids.effective == gids.real == gids.effective == 65534
+
+    for pid in lb.worker_pids():
+        wait_for(lambda pid=pid: dropped(pid), timeout=5, message=f"worker {pid} still root")
     assert psutil.Process(lb.master_pid).uids().effective == 0
     assert nobody.is_running()
     assert http_request(port).text == "b1\n"
