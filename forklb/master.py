@@ -67,6 +67,7 @@ class Role:
 
     name: str
     count: Callable[[Config], int]
+    heartbeat: bool  # writes its scoreboard slot; killed when it goes silent
     # Runs in the forked child and never returns: (master, generation, slot, status_fd)
     target: Callable[[Master, Generation, int, int], None]
 
@@ -90,7 +91,7 @@ def _run_worker(master: Master, gen: Generation, slot: int, status_fd: int) -> N
                gen.number, master.life_r, status_fd, master.pid)
 
 
-ROLES: tuple[Role, ...] = (Role("worker", worker_count, _run_worker),)
+ROLES: tuple[Role, ...] = (Role("worker", worker_count, True, _run_worker),)
 
 
 @dataclass
@@ -327,9 +328,10 @@ class Master:
                 self.log.warn(f"{child.role.name} process {child.pid} did not exit, killing it")
                 self._kill(child.pid, signal.SIGKILL)
                 child.kill_at = None
-            elif timeout and child.ready and not child.stopping:
+            elif timeout and child.role.heartbeat and not child.stopping:
                 silent = child.scoreboard.silence(child.slot, now)
-                if silent > timeout:
+                # A starting worker beats only once it serves: give it longer.
+                if silent > (timeout if child.ready else max(timeout, PENDING_BOOT_TIMEOUT)):
                     self.log.alert(f"{child.role.name} process {child.pid} is stuck (event loop "
                                    f"silent for {silent:.1f}s), killing it")
                     self._kill(child.pid, signal.SIGKILL)

@@ -37,6 +37,7 @@ def _lb(forklb_factory, py_backend_factory, main="", workers=2):
 
 def test_stuck_worker_is_killed_and_replaced(forklb_factory, py_backend_factory):
     lb, port = _lb(forklb_factory, py_backend_factory, "worker_timeout 1s;")
+    wait_for(lambda: "all workers ready" in lb.error_log(), timeout=10)
     victim, other = lb.worker_pids()
     os.kill(victim, signal.SIGSTOP)  # its event loop stops turning
     try:
