@@ -110,8 +110,9 @@ class Worker:
         """Entry point in the forked child; never returns."""
         code = 0
         try:
+            reset_signals(self.master_pid)
+            self._apply_limits()  # before the title: once named, a worker is set up
             self._setup_process()
-            self._apply_limits()
             self._build()  # opens log files: before giving up root
             drop_privileges(self.config.main.user, self.master_pid)
             self._serve()
@@ -125,7 +126,6 @@ class Worker:
         os._exit(code)
 
     def _setup_process(self) -> None:
-        reset_signals(self.master_pid)
         start_gevent("forklb: worker process")
 
         # Everything the worker will ever import, while it can still read the
