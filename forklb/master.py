@@ -6,9 +6,9 @@ Modelled on gunicorn's arbiter.  One class, one loop, no threads and no gevent
 * Signal handlers do nothing themselves.  ``signal.set_wakeup_fd`` makes the
   interpreter write each signal number to a pipe that the loop's selector
   watches; the loop then handles the signal as ordinary code.
-* Every child has a role from :data:`ROLES` (today: ``worker``; the sidecar
-  becomes one more entry) and a status pipe on which it writes ``R`` once it
-  serves.  The selector wakes on those bytes too.
+* Every child has a role from :data:`ROLES` (``worker``, ``sidecar``) and a
+  status pipe on which it writes ``R`` once it serves.  The selector wakes on
+  those bytes too.
 * Children also hold the read end of the *life pipe*, whose only write end is
   the master's: when the master dies, they see EOF and exit.
 * ``waitpid(-1, WNOHANG)`` reaps; a child of the current generation that dies
@@ -87,11 +87,21 @@ def worker_count(config: Config) -> int:
 def _run_worker(master: Master, gen: Generation, slot: int, status_fd: int) -> None:
     from forklb import worker  # imported only in the child: the master stays gevent-free
 
-    worker.run(gen.config, master.sockets_for(gen.config), gen.shared, gen.scoreboard, slot,
-               gen.number, master.life_r, status_fd, master.pid)
+    worker.run(gen.config, master.sockets_for(gen.config.listen_addresses()), gen.shared,
+               gen.scoreboard, slot, gen.number, master.life_r, status_fd, master.pid)
 
 
-ROLES: tuple[Role, ...] = (Role("worker", worker_count, True, _run_worker),)
+def _run_sidecar(master: Master, gen: Generation, slot: int, status_fd: int) -> None:
+    from forklb.sidecar import process  # gevent again: only in the child
+
+    process.run(gen.config, master.sockets_for(gen.config.sidecar_addresses()),
+                master.life_r, status_fd, master.pid)
+
+
+ROLES: tuple[Role, ...] = (
+    Role("worker", worker_count, True, _run_worker),
+    Role("sidecar", lambda config: 1 if config.sidecar else 0, False, _run_sidecar),
+)
 
 
 @dataclass
@@ -161,7 +171,7 @@ class Master:
         for fd in systemd.inherited_fds():
             sock = socket.socket(fileno=fd)
             inherited[sock.getsockname()[:2]] = sock
-        for listen in self.config.listen_addresses():
+        for listen in self.config.bound_addresses():
             sock = inherited.pop(listen.address, None)
             if sock is None:
                 sock = self._bind(listen)
@@ -196,8 +206,8 @@ class Master:
         sock.set_inheritable(True)
         return sock
 
-    def sockets_for(self, config: Config) -> dict[tuple[str, int], socket.socket]:
-        return {lst.address: self.sockets[lst.address] for lst in config.listen_addresses()}
+    def sockets_for(self, listens: tuple[Listen, ...]) -> dict[tuple[str, int], socket.socket]:
+        return {lst.address: self.sockets[lst.address] for lst in listens}
 
     def run(self) -> int:
         """The master loop; returns the exit status."""
@@ -512,7 +522,7 @@ class Master:
             return
         added: list[tuple[str, int]] = []
         try:
-            for listen in config.listen_addresses():
+            for listen in config.bound_addresses():
                 if listen.address not in self.sockets:
                     self.sockets[listen.address] = self._bind(listen)
                     added.append(listen.address)
@@ -618,9 +628,9 @@ class Master:
 
     def _close_unused_sockets(self) -> None:
         """Close addresses that no live configuration of any child uses."""
-        wanted = {lst.address for lst in self.generation.config.listen_addresses()}
+        wanted = {lst.address for lst in self.generation.config.bound_addresses()}
         if self.pending:
-            wanted |= {lst.address for lst in self.pending.config.listen_addresses()}
+            wanted |= {lst.address for lst in self.pending.config.bound_addresses()}
         if any(c.generation < self.generation.number for c in self.children.values()):
             return  # older workers may still be draining on them
         for address in list(self.sockets):

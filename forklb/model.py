@@ -129,12 +129,24 @@ class Main:
 
 
 @dataclass(frozen=True, slots=True)
+class Sidecar:
+    """``sidecar { listen ...; }``: the process that serves status (and later
+    metrics, the runtime API and VRRP); never on the request path."""
+
+    listens: tuple[Listen, ...]
+
+
+DEFAULT_SIDECAR_LISTEN = Listen("127.0.0.1", 9145)
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     main: Main
     http: Http
     path: str  # the main file, as given
     prefix: str
     files: tuple[str, ...]  # every file read, main first (for -T)
+    sidecar: Sidecar | None = None
 
     def listen_addresses(self) -> tuple[Listen, ...]:
         """One :class:`Listen` per distinct address, first declaration wins."""
@@ -143,3 +155,10 @@ class Config:
             for listen in server.listens:
                 seen.setdefault(listen.address, listen)
         return tuple(seen.values())
+
+    def sidecar_addresses(self) -> tuple[Listen, ...]:
+        return self.sidecar.listens if self.sidecar else ()
+
+    def bound_addresses(self) -> tuple[Listen, ...]:
+        """Every address the master binds: the HTTP servers' and the sidecar's."""
+        return self.listen_addresses() + self.sidecar_addresses()

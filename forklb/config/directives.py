@@ -20,8 +20,8 @@ from dataclasses import dataclass
 
 from validate import ValidateError, Validator
 
-MAIN, EVENTS, HTTP, UPSTREAM, SERVER, LOCATION, TYPES = (
-    "main", "events", "http", "upstream", "server", "location", "types",
+MAIN, EVENTS, HTTP, UPSTREAM, SERVER, LOCATION, TYPES, SIDECAR = (
+    "main", "events", "http", "upstream", "server", "location", "types", "sidecar",
 )
 ANY = None  # no upper bound on the number of arguments
 
@@ -67,6 +67,7 @@ TABLE: tuple[Spec, ...] = (
     _spec("worker_cpu_affinity", [MAIN], (1, ANY), check="cpu_affinity(default=None)"),
     _spec("events", [MAIN], 0, block=EVENTS),
     _spec("http", [MAIN], 0, block=HTTP),
+    _spec("sidecar", [MAIN], 0, block=SIDECAR),
     # events
     _spec("worker_connections", [EVENTS], 1, check="number(min=1, default=512)"),
     # http
@@ -82,7 +83,7 @@ TABLE: tuple[Spec, ...] = (
     _spec("server", [UPSTREAM], (1, ANY), check="upstream_server()", multiple=True),
     _spec("keepalive", [UPSTREAM], 1, check="count(min=0, default=32)"),
     # server
-    _spec("listen", [SERVER], (1, ANY), check="listen()", multiple=True),
+    _spec("listen", [SERVER, SIDECAR], (1, ANY), check="listen()", multiple=True),
     _spec("server_name", [SERVER], (1, ANY), check="string_list()", multiple=True),
     _spec("location", [SERVER], (1, 2), check="location()", block=LOCATION, multiple=True),
     _spec("root", _HTTP_LEVELS, 1, check="string(default=html)", inherit=True),
@@ -99,7 +100,7 @@ TABLE: tuple[Spec, ...] = (
 
 # "include" is expanded by the parser in every context; it is listed so the
 # table is the complete answer to "what does forklb accept".
-INCLUDE = _spec("include", [MAIN, EVENTS, HTTP, UPSTREAM, SERVER, LOCATION, TYPES], 1)
+INCLUDE = _spec("include", [MAIN, EVENTS, HTTP, UPSTREAM, SERVER, LOCATION, TYPES, SIDECAR], 1)
 
 
 def specs_named(name: str) -> list[Spec]:

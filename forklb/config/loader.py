@@ -29,6 +29,7 @@ from forklb.config.errors import ConfigError
 from forklb.config.parser import Directive, Parser
 from forklb.http.variables import Template, UnknownVariable, compile_template
 from forklb.model import (
+    DEFAULT_SIDECAR_LISTEN,
     AccessLog,
     Config,
     Http,
@@ -38,6 +39,7 @@ from forklb.model import (
     Main,
     ProxyPass,
     Server,
+    Sidecar,
     Upstream,
     UpstreamServer,
 )
@@ -245,6 +247,20 @@ class _Builder:
         return Http(servers, MappingProxyType(dict(self.upstreams)), MappingProxyType(mime),
                     http.values["default_type"])
 
+    def sidecar(self, http: Http) -> Sidecar | None:
+        blocks = self.root.blocks("sidecar")
+        if not blocks:
+            return None
+        d, block = blocks[0]
+        listens = tuple(Listen(h, p, ds, bl) for h, p, ds, bl in block.values["listen"])
+        listens = listens or (DEFAULT_SIDECAR_LISTEN,)
+        taken = {lst.address for server in http.servers for lst in server.listens}
+        for listen in listens:
+            if listen.address in taken:
+                raise _fail(f"sidecar listen {listen.host}:{listen.port} is also a server's "
+                            "listen address", d)
+        return Sidecar(listens)
+
     def upstream(self, d: Directive, b: Block) -> None:
         name = d.args[0].text
         if name.lower() in self.upstream_names:
@@ -428,4 +444,5 @@ def build(root: Block, path: str, prefix: str, files: tuple[str, ...]) -> Config
     b = _Builder(root, path, prefix)
     main = b.main()
     http = b.http()
-    return Config(main=main, http=http, path=path, prefix=prefix, files=files)
+    return Config(main=main, http=http, path=path, prefix=prefix, files=files,
+                  sidecar=b.sidecar(http))
