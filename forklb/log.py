@@ -34,9 +34,9 @@ class ErrorLog:
         if self.path == "stderr":
             self._file = sys.stderr
             return
-        os.makedirs(os.path.dirname(self.path), exist_ok=True)
         old = self._file
-        self._file = open(self.path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115
+        self._file = open(_prepared(self.path), "a", buffering=1,  # noqa: SIM115
+                          encoding="utf-8")
         if old is not sys.stderr:
             old.close()
 
@@ -87,8 +87,7 @@ class AccessLogFile:
 
     def reopen(self) -> None:
         self.flush()
-        os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        fd = os.open(_prepared(self.path), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         if self.fd >= 0:
             os.close(self.fd)
         self.fd = fd
@@ -109,3 +108,12 @@ class AccessLogFile:
             os.write(self.fd, data)
         except OSError:
             pass
+
+
+def _prepared(path: str) -> str:
+    """``path`` with its directory created; errors name the log file itself."""
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, path) from None
+    return path

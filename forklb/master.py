@@ -67,9 +67,11 @@ class Role:
 
     name: str
     count: Callable[[Config], int]
+    listens: Callable[[Config], tuple[Listen, ...]]  # the listening sockets it serves
     heartbeat: bool  # writes its scoreboard slot; killed when it goes silent
-    # Runs in the forked child and never returns: (master, generation, slot, status_fd)
-    target: Callable[[Master, Generation, int, int], None]
+    # Runs in the forked child and never returns:
+    # (master, generation, slot, status_fd, its listening sockets by address)
+    target: Callable[[Master, Generation, int, int, dict], None]
 
 
 def usable_cpus() -> int:
@@ -84,23 +86,25 @@ def worker_count(config: Config) -> int:
     return config.main.worker_processes or usable_cpus()
 
 
-def _run_worker(master: Master, gen: Generation, slot: int, status_fd: int) -> None:
+def _run_worker(master: Master, gen: Generation, slot: int, status_fd: int,
+                sockets: dict) -> None:
     from forklb import worker  # imported only in the child: the master stays gevent-free
 
-    worker.run(gen.config, master.sockets_for(gen.config.listen_addresses()), gen.shared,
-               gen.scoreboard, slot, gen.number, master.life_r, status_fd, master.pid)
+    worker.run(gen.config, sockets, gen.shared, gen.scoreboard, slot, gen.number,
+               master.life_r, status_fd, master.pid)
 
 
-def _run_sidecar(master: Master, gen: Generation, slot: int, status_fd: int) -> None:
+def _run_sidecar(master: Master, gen: Generation, slot: int, status_fd: int,
+                 sockets: dict) -> None:
     from forklb.sidecar import process  # gevent again: only in the child
 
-    process.run(gen.config, master.sockets_for(gen.config.sidecar_addresses()),
-                master.life_r, status_fd, master.pid)
+    process.run(gen.config, sockets, master.life_r, status_fd, master.pid)
 
 
 ROLES: tuple[Role, ...] = (
-    Role("worker", worker_count, True, _run_worker),
-    Role("sidecar", lambda config: 1 if config.sidecar else 0, False, _run_sidecar),
+    Role("worker", worker_count, Config.listen_addresses, True, _run_worker),
+    Role("sidecar", lambda config: 1 if config.sidecar else 0, Config.sidecar_addresses,
+         False, _run_sidecar),
 )
 
 
@@ -206,8 +210,17 @@ class Master:
         sock.set_inheritable(True)
         return sock
 
-    def sockets_for(self, listens: tuple[Listen, ...]) -> dict[tuple[str, int], socket.socket]:
-        return {lst.address: self.sockets[lst.address] for lst in listens}
+    def _keep_only(self, listens: tuple[Listen, ...]) -> dict[tuple[str, int], socket.socket]:
+        """In a child: close the listening sockets it does not serve, return the rest.
+
+        A child must not hold other addresses: a reload that drops an address
+        closes it only once no process holds it.
+        """
+        wanted = {lst.address for lst in listens}
+        for address, sock in self.sockets.items():
+            if address not in wanted:
+                sock.close()
+        return {address: self.sockets[address] for address in wanted}
 
     def run(self) -> int:
         """The master loop; returns the exit status."""
@@ -360,7 +373,7 @@ class Master:
             try:
                 os.close(status_r)
                 self._close_in_child()
-                role.target(self, gen, slot, status_w)
+                role.target(self, gen, slot, status_w, self._keep_only(role.listens(gen.config)))
             finally:
                 os._exit(1)
         os.close(status_w)

@@ -177,3 +177,34 @@ def test_daemon_on_detaches_and_stops(forklb_factory, py_backend_factory):
         assert lb.cli("-s", "stop").returncode == 0
     wait_for(lambda: not pid_alive(pid), timeout=10, message="daemon master still alive")
     wait_port_closed(port, timeout=5)
+
+
+def test_reload_moves_listener_and_closes_the_old_address(forklb_factory, py_backend_factory):
+    lb, port = _lb(forklb_factory, py_backend_factory)
+    new_port = free_port()
+    old = lb.worker_pids()
+    lb.write_conf(lb.conf_path.read_text().replace(f"127.0.0.1:{port}",
+                                                   f"127.0.0.1:{new_port}"))
+    assert lb.cli("-s", "reload").returncode == 0
+    lb.wait_workers_replaced(old, 2)
+    assert http_request(new_port).text == "b1\n"
+    wait_port_closed(port, timeout=10)
+
+
+def test_worker_shutdown_timeout_bounds_a_reload(forklb_factory, py_backend_factory):
+    backend = py_backend_factory("name", name="b1")
+    port = free_port()
+    conf = CONF.format(workers=1, backend=backend.port, port=port)
+    lb = forklb_factory("worker_shutdown_timeout 1s;\n" + conf)
+    lb.start(wait_ports=[port], workers=1)
+    (old,) = lb.worker_pids()
+    client = HttpClient(port, timeout=15)
+    client.send(b"GET /?__delay=6 HTTP/1.1\r\nHost: x\r\n\r\n")
+    time.sleep(0.3)
+    t0 = time.monotonic()
+    assert lb.cli("-s", "reload").returncode == 0
+    wait_for(lambda: not pid_alive(old), timeout=6, message="old worker outlived its timeout")
+    assert time.monotonic() - t0 < 4.0  # 1 s shutdown timeout, not the 6 s request
+    assert client.server_closed(timeout=2)
+    assert "worker_shutdown_timeout" in lb.error_log()
+    assert http_request(port).status == 200

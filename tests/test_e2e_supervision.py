@@ -129,3 +129,15 @@ def test_unwritable_pid_path_is_a_clear_error(forklb_factory, py_backend_factory
     r = lb.cli(timeout=20)
     assert r.returncode == 1
     assert 'forklb: [emerg] open() "/proc/forklb/forklb.pid" failed' in r.stderr
+
+
+def test_unwritable_error_log_is_a_clear_error(forklb_factory, py_backend_factory):
+    backend = py_backend_factory("name", name="b1")
+    port = free_port()
+    lb = forklb_factory(CONF.format(main="", workers=1, backend=backend.port, port=port)
+                        .replace("error_log logs/error.log notice;",
+                                 "error_log /proc/forklb/error.log;"))
+    r = lb.cli(timeout=20)
+    assert r.returncode == 1
+    assert r.stderr.strip() == ('forklb: [emerg] open() "/proc/forklb/error.log" failed '
+                                "(2: No such file or directory)")
