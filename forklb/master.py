@@ -135,7 +135,7 @@ class Generation:
     def __post_init__(self) -> None:
         # Created before any of the generation's workers forks, so all map them;
         # they outlive worker respawns and are replaced by a reload.
-        self.shared = SharedUpstreamState(self.config.http.upstreams)
+        self.shared = SharedUpstreamState(self.config.http.upstreams, worker_count(self.config))
         self.scoreboard = Scoreboard(worker_count(self.config))
 
 

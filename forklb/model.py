@@ -35,15 +35,41 @@ class UpstreamServer:
     name: str  # the address as written in the config, e.g. "web01:80"
     address: Address
     weight: int = 1
+    max_fails: int = 1
+    fail_timeout: float = 10.0
+    backup: bool = False
+    down: bool = False
+    max_conns: int = 0  # 0: no limit
+
+
+@dataclass(frozen=True, slots=True)
+class Balancing:
+    """The ``upstream`` block's method: round robin unless one of nginx's others."""
+
+    method: str = "round_robin"  # round_robin ip_hash hash least_conn random
+    key: Template | None = None  # hash KEY
+    consistent: bool = False  # hash KEY consistent
+    two: bool = False  # random two
+    least_conn: bool = False  # random two least_conn
 
 
 @dataclass(frozen=True, slots=True)
 class Upstream:
-    """An ``upstream NAME {}`` group, or the implicit group of a direct target."""
+    """An ``upstream NAME {}`` group, or the implicit group of a direct target.
+
+    ``servers`` lists the primaries first, then the backups (one entry per
+    resolved address).
+    """
 
     name: str
     servers: tuple[UpstreamServer, ...]
     keepalive: int  # idle connections each worker may keep open to this group
+    balancing: Balancing = Balancing()
+
+    @property
+    def primaries(self) -> int:
+        """How many of ``servers`` are primaries (the rest are backups)."""
+        return sum(1 for s in self.servers if not s.backup)
 
 
 @dataclass(frozen=True, slots=True)

@@ -174,7 +174,7 @@ class Worker:
 
         http = self.config.http
         self.date = HttpDate()
-        self.groups = {name: UpstreamGroup(u, self.shared.ticket(name))
+        self.groups = {name: UpstreamGroup(u, self.shared.view(name), self.slot)
                        for name, u in http.upstreams.items()}
         mime = dict(http.mime_types)
         self.locations: dict[int, LocationRuntime] = {}

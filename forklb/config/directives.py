@@ -82,6 +82,11 @@ TABLE: tuple[Spec, ...] = (
     # upstream
     _spec("server", [UPSTREAM], (1, ANY), check="upstream_server()", multiple=True),
     _spec("keepalive", [UPSTREAM], 1, check="count(min=0, default=32)"),
+    # balancing methods (round robin when none is given)
+    _spec("least_conn", [UPSTREAM], 0),
+    _spec("ip_hash", [UPSTREAM], 0),
+    _spec("hash", [UPSTREAM], (1, 2), check="hash_method(default=None)"),
+    _spec("random", [UPSTREAM], (0, 2), check="random_method(default=None)"),
     # server
     _spec("listen", [SERVER, SIDECAR], (1, ANY), check="listen()", multiple=True),
     _spec("server_name", [SERVER], (1, ANY), check="string_list()", multiple=True),
@@ -353,14 +358,50 @@ def _upstream_server(value):
         raise DirectiveError(f'{e.reason} in upstream "{address}"') from None
     if not host:
         raise DirectiveError(f'no host in upstream "{address}"')
-    weight = 1
+    options = {"weight": 1, "max_fails": 1, "fail_timeout": 10.0, "backup": False,
+               "down": False, "max_conns": 0}
     for param in params:
         name, eq, arg = param.partition("=")
-        if name == "weight" and eq and _DIGITS.fullmatch(arg) and int(arg) >= 1:
-            weight = int(arg)
-        else:
-            raise DirectiveError(f'invalid parameter "{param}"')
-    return (address, host, port, weight)
+        try:
+            options[name] = _server_parameter(name, eq, arg)
+        except ValueError:
+            raise DirectiveError(f'invalid parameter "{param}"') from None
+    return (address, host, port, options)
+
+
+def _server_parameter(name: str, eq: str, arg: str) -> int | float | bool:
+    """One ``server`` parameter of an upstream; ValueError when it is not valid."""
+    if name in ("backup", "down") and not eq:
+        return True
+    if not eq:
+        raise ValueError(name)
+    if name == "fail_timeout":
+        try:
+            return parse_time(arg)
+        except DirectiveError:
+            raise ValueError(arg) from None
+    lowest = {"weight": 1, "max_fails": 0, "max_conns": 0}.get(name)
+    if lowest is None or not _DIGITS.fullmatch(arg) or int(arg) < lowest:
+        raise ValueError(arg)
+    return int(arg)
+
+
+def _hash_method(value):
+    """``hash KEY [consistent]`` -> (key, consistent)."""
+    value = [value] if isinstance(value, str) else value
+    if len(value) == 2 and value[1] != "consistent":
+        raise DirectiveError(f'invalid parameter "{value[1]}"')
+    return (value[0], len(value) == 2)
+
+
+def _random_method(value):
+    """``random [two [least_conn]]`` -> (two, least_conn)."""
+    value = [] if value is None else [value] if isinstance(value, str) else value
+    expected = ["two", "least_conn"]
+    for i, word in enumerate(value):
+        if word != expected[i]:
+            raise DirectiveError(f'invalid parameter "{word}"')
+    return (len(value) >= 1, len(value) == 2)
 
 
 def _listen(value):
@@ -464,7 +505,8 @@ def make_validator() -> Validator:
         "access_log": _access_log, "upstream_server": _upstream_server, "listen": _listen,
         "location": _location, "proxy_url": _proxy_url,
         "size": _size, "number": _number, "count": _count, "user": _user,
-        "cpu_affinity": _cpu_affinity,
+        "cpu_affinity": _cpu_affinity, "hash_method": _hash_method,
+        "random_method": _random_method,
     })
     v.functions["each"] = _occurrences(v)
     return v

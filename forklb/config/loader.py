@@ -31,6 +31,7 @@ from forklb.http.variables import Template, UnknownVariable, compile_template
 from forklb.model import (
     DEFAULT_SIDECAR_LISTEN,
     AccessLog,
+    Balancing,
     Config,
     Http,
     Listen,
@@ -268,12 +269,33 @@ class _Builder:
         entries = b.values["server"]
         if not entries:
             raise ConfigError("no servers are inside upstream", d.file, d.end_line or d.line)
+        balancing = self._balancing(b)
         servers = []
-        for sd, (written, host, port, weight) in zip(b.where["server"], entries, strict=True):
+        for sd, (written, host, port, options) in zip(b.where["server"], entries, strict=True):
+            if options["backup"] and balancing.method in ("ip_hash", "hash", "random"):
+                raise _fail('balancing method does not support parameter "backup"', sd)
             for addr in self._resolve(host, port, written, sd):
-                servers.append(UpstreamServer(written, addr, weight))
-        self.upstreams[name] = Upstream(name, tuple(servers), b.values["keepalive"])
+                servers.append(UpstreamServer(written, addr, **options))
+        servers.sort(key=lambda server: server.backup)  # primaries first, order kept
+        self.upstreams[name] = Upstream(name, tuple(servers), b.values["keepalive"], balancing)
         self.upstream_names[name.lower()] = name
+
+    def _balancing(self, b: Block) -> Balancing:
+        """The upstream's method directive (at most one: nginx warns and keeps the last,
+        forklb refuses the ambiguity)."""
+        given = [d for m in ("least_conn", "ip_hash", "hash", "random") for d in b.where.get(m, [])]
+        if len(given) > 1:
+            raise _fail("load balancing method redefined", max(given, key=lambda d: d.line))
+        if not given:
+            return Balancing()
+        d = given[0]
+        if d.name == "hash":
+            key, consistent = b.values["hash"]
+            return Balancing("hash", key=self._template(key, d), consistent=consistent)
+        if d.name == "random":
+            two, least_conn = b.values["random"]
+            return Balancing("random", two=two, least_conn=least_conn)
+        return Balancing(d.name)
 
     def _resolve(self, host: str, port: int, written: str, d: Directive) -> list[tuple[str, int]]:
         try:

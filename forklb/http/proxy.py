@@ -171,12 +171,12 @@ def proxy(conn: ClientConnection, ex: Exchange, rt: LocationRuntime) -> None:
     ex.proxy_host = rt.proxy_host
     head = request_head(ex, rt, upstream_uri(ex, rt))
     idempotent = ex.method_b in protocol.IDEMPOTENT_METHODS
-    tried = 0
+    choice = group.start(ex)
     last_error: UpstreamError | None = None
     started = time.monotonic()
     addrs: list[str] = []
     while True:
-        index = group.pick(tried)
+        index = choice.next()
         if index is None:
             if last_error is None:
                 conn.worker.log.error(_context("no live upstreams while connecting to upstream",
@@ -185,32 +185,20 @@ def proxy(conn: ClientConnection, ex: Exchange, rt: LocationRuntime) -> None:
             conn.respond_simple(ex, last_error.status if last_error else 502)
             return
         addrs.append(group.labels[index])
-        sock = group.take_idle(index)
-        reused = sock is not None
+        group.acquire(index)
         try:
-            if sock is None:
-                sock = _connect(group, index, rt)
-            relayed = _attempt(conn, ex, rt, sock, head, reused)
+            sock, relayed = _try_peer(conn, ex, rt, group, index, head, idempotent)
         except UpstreamError as e:
-            if sock is not None:
-                sock.close()
-            replayable = e.replayable(idempotent)
-            if e.stale and replayable:
-                addrs.pop()
-                continue  # the pooled connection was dead: same peer, new connection
             conn.worker.log.error(_context(e.message, conn, ex, group.labels[index]))
             group.failed(index)
-            tried |= 1 << index
             last_error = e
-            if not replayable:
+            if not e.replayable(idempotent):
                 ex.upstream_addr = ", ".join(addrs)
                 conn.respond_simple(ex, e.status)
                 return
             continue
-        except ClientGone:
-            if sock is not None:
-                sock.close()
-            raise
+        finally:
+            group.release(index)
         group.succeeded(index)
         ex.upstream_addr = ", ".join(addrs)
         ex.upstream_response_time = f"{time.monotonic() - started:.3f}"
@@ -219,6 +207,32 @@ def proxy(conn: ClientConnection, ex: Exchange, rt: LocationRuntime) -> None:
         else:
             sock.close()
         return
+
+
+def _try_peer(conn: ClientConnection, ex: Exchange, rt: LocationRuntime, group: UpstreamGroup,
+              index: int, head: bytes, idempotent: bool) -> tuple[socket.socket, bool]:
+    """Exchange ``ex`` with peer ``index``: on an idle pooled connection if there is
+    one, again on a fresh connection if that one turns out to be closed."""
+    sock = group.take_idle(index)
+    while True:
+        reused = sock is not None
+        try:
+            if sock is None:
+                sock = _connect(group, index, rt)
+            return sock, _attempt(conn, ex, rt, sock, head, reused)
+        except UpstreamError as e:
+            if sock is not None:
+                sock.close()
+            if not (e.stale and e.replayable(idempotent)):
+                raise
+            # The server closed its idle connections (restart, its keepalive_timeout):
+            # the others in the pool are as dead as this one.
+            group.drop_idle(index)
+            sock = None
+        except ClientGone:
+            if sock is not None:
+                sock.close()
+            raise
 
 
 def _connect(group: UpstreamGroup, index: int, rt: LocationRuntime) -> socket.socket:

@@ -85,6 +85,18 @@ def _header_getter(name: str) -> Getter:
     return lambda r: r.header(header)
 
 
+def _arg_getter(name: str) -> Getter:
+    """``$arg_page`` is the raw value of query argument ``page`` (first one wins)."""
+    def get(r: Any) -> str:
+        for pair in r.args.split("&"):
+            key, sep, value = pair.partition("=")
+            if key == name:
+                return value
+        return ""
+
+    return get
+
+
 def getter(name: str) -> Getter | None:
     """The getter for variable ``name``, or None when nginx would not know it.
 
@@ -93,6 +105,8 @@ def getter(name: str) -> Getter | None:
     name = name.lower()
     if name.startswith("http_") and len(name) > 5:
         return _header_getter(name[5:])
+    if name.startswith("arg_") and len(name) > 4:
+        return _arg_getter(name[4:])
     return VARIABLES.get(name)
 
 

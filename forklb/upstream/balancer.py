@@ -16,6 +16,7 @@ The clock is passed in, so tests drive time explicitly.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 
@@ -64,11 +65,23 @@ class SmoothWeightedRoundRobin:
         """
         if self.single:
             return None if tried & 1 else 0
+        peers = self.peers
+        index = self.choose(lambda i: not tried >> i & 1 and self._eligible(peers[i], now))
+        if index is not None and now - peers[index].checked > peers[index].fail_timeout:
+            peers[index].checked = now
+        return index
+
+    def choose(self, usable: Callable[[int], bool]) -> int | None:
+        """One smooth-WRR pass over the peers for which ``usable(i)`` holds.
+
+        The caller decides eligibility (tries, failures, limits, admin state);
+        this only does nginx's weight arithmetic.  None when nothing is usable.
+        """
         best: Peer | None = None
         best_index = -1
         total = 0
         for i, peer in enumerate(self.peers):
-            if tried >> i & 1 or not self._eligible(peer, now):
+            if not usable(i):
                 continue
             peer.current += peer.effective
             total += peer.effective
@@ -79,8 +92,6 @@ class SmoothWeightedRoundRobin:
         if best is None:
             return None
         best.current -= total
-        if now - best.checked > best.fail_timeout:
-            best.checked = now
         return best_index
 
     def failed(self, index: int, now: float) -> None:
@@ -92,6 +103,11 @@ class SmoothWeightedRoundRobin:
         peer.accessed = now
         peer.checked = now
         self.degraded_until = max(self.degraded_until, now + peer.fail_timeout)
+        self.penalize(index)
+
+    def penalize(self, index: int) -> None:
+        """nginx's effective-weight drop on failure (it climbs back by one per pass)."""
+        peer = self.peers[index]
         if peer.max_fails:
             peer.effective = max(0, peer.effective - peer.weight // peer.max_fails)
 

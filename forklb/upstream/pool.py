@@ -1,55 +1,153 @@
-"""A worker's view of one upstream group: peer choice plus idle connections.
+"""A worker's view of one upstream group: peer choice, shared state, idle connections.
 
-Each worker owns one :class:`UpstreamGroup` per ``upstream`` block.  Peers are
-chosen by :class:`~forklb.upstream.balancer.SmoothWeightedRoundRobin`; idle
-keep-alive connections to each peer wait in a LIFO stack (the most recently
-used connection is the least likely to have been closed by the server), at
-most ``keepalive`` of them for the whole group, as nginx's ``keepalive N``.
+Each worker owns one :class:`UpstreamGroup` per ``upstream`` block.  Peer state
+that must agree between workers (failures, connection counts, admin and health
+states, the round-robin position) lives in the generation's shared memory
+(:mod:`forklb.upstream.shared`); the smooth-WRR weight arithmetic used around
+failures stays local, as in nginx.
+
+Choosing, per request (:class:`Choice`, nginx's per-request peer data):
+
+* with ``ip_hash``/``hash``/``least_conn``/``random`` the method's cursor picks
+  among the usable primaries (:mod:`forklb.upstream.methods`), and hands over to
+  round robin when it gives up, as nginx does;
+* round robin, in the steady state (nothing failed, nothing tried, no
+  ``max_conns`` reached), indexes one period of smooth WRR over the peers that
+  are in service with the shared ticket, so every worker follows one sequence;
+  otherwise it runs smooth WRR over the usable peers;
+* when no primary is usable, the backups (round robin and least_conn only).
+
+Idle keep-alive connections to each peer wait in a LIFO stack (the most
+recently used is the least likely to have been closed by the server), at most
+``keepalive`` for the whole group, as nginx's ``keepalive N``.
 
 Runs inside a gevent worker: sockets here are gevent's (monkey-patched).
 """
 
 from __future__ import annotations
 
-import ctypes
 import socket
 import time
+from typing import Any
 
 from forklb.model import Upstream
+from forklb.upstream import methods
 from forklb.upstream.balancer import SmoothWeightedRoundRobin, swrr_schedule
+from forklb.upstream.shared import DOWN, DRAIN, UNHEALTHY, UpstreamView
 
 
 class UpstreamGroup:
-    def __init__(self, upstream: Upstream, ticket: ctypes.c_uint64):
+    def __init__(self, upstream: Upstream, view: UpstreamView, slot: int):
         self.name = upstream.name
         self.servers = upstream.servers
+        self.size = len(upstream.servers)
+        self.primaries = upstream.primaries
         self.addresses = [s.address for s in upstream.servers]
         self.labels = [_label(s.address) for s in upstream.servers]
-        weights = [s.weight for s in upstream.servers]
-        self.balancer = SmoothWeightedRoundRobin(weights)
-        self.schedule = swrr_schedule(weights)
-        self.ticket = ticket
+        self.view = view
+        self.base = slot * self.size  # this worker's slots in the per-worker arrays
         self.keepalive = upstream.keepalive
         self.idle: list[list[socket.socket]] = [[] for _ in upstream.servers]
         self.idle_count = 0
-        self.all_tried = (1 << len(upstream.servers)) - 1
+        # nginx never marks the only server of an upstream as failed.
+        self.single = self.size == 1
+        self.configured_weights = tuple(s.weight for s in upstream.servers)
+        self._weights: tuple[int, ...] = ()
+        self._schedules: dict[tuple[int, tuple[int, ...]], tuple[int, ...]] = {}
+        self.limited = any(s.max_conns for s in upstream.servers)
+        self.balancing = upstream.balancing
+        self._rebuild(self.configured_weights)
 
-    def pick(self, tried: int) -> int | None:
-        """Next peer: the shared schedule normally, local smooth WRR around failures."""
+    # -- weights can change at run time (the sidecar's API writes view.weight) --
+    def _rebuild(self, weights: tuple[int, ...]) -> None:
+        p = self.primaries
+        s = self.servers
+        self._weights = weights
+        self.rr = SmoothWeightedRoundRobin(list(weights[:p]))
+        for peer, server in zip(self.rr.peers, s[:p], strict=True):
+            peer.max_fails, peer.fail_timeout = server.max_fails, server.fail_timeout
+        self.backup_rr = SmoothWeightedRoundRobin(list(weights[p:])) if p < self.size else None
+        self.method = self.backup_method = None
+        b = self.balancing
+        if b.method != "round_robin":
+            name = {"hash": "hash consistent" if b.consistent else "hash",
+                    "random": "random two" if b.two else "random"}.get(b.method, b.method)
+            self.method = methods.create(name, [x.name for x in s[:p]], list(weights[:p]),
+                                         peers=self.rr.peers)
+            if b.method == "least_conn" and self.backup_rr is not None:
+                self.backup_method = methods.LeastConn(self.backup_rr.peers, with_backup=True)
+
+    def current_weights(self) -> tuple[int, ...]:
+        view = self.view
+        weights = tuple(view.weight[i] or self.configured_weights[i] for i in range(self.size))
+        if weights != self._weights:
+            self._rebuild(weights)
+        return weights
+
+    # -- state of one peer --
+    def in_service(self, i: int) -> bool:
+        """Not down by config, by the admin API (down or drain) or by health checks."""
+        view = self.view
+        return (not self.servers[i].down and view.admin[i] not in (DOWN, DRAIN)
+                and view.health[i] != UNHEALTHY)
+
+    def failed_now(self, i: int, now: float) -> bool:
+        server = self.servers[i]
+        if self.single or not server.max_fails:
+            return False
+        view = self.view
+        return view.fails[i] >= server.max_fails and now - view.checked[i] <= server.fail_timeout
+
+    def conns(self, i: int) -> int:
+        return self.view.total_conns(i)
+
+    def below_max_conns(self, i: int) -> bool:
+        limit = self.servers[i].max_conns
+        return not limit or self.view.total_conns(i) < limit
+
+    # -- per request --
+    def start(self, ex: Any) -> Choice:
+        return Choice(self, ex)
+
+    def acquire(self, i: int) -> None:
+        """Peer ``i`` gets a request from this worker (counts for least_conn, max_conns)."""
+        view = self.view
+        view.conns[self.base + i] += 1
+        view.requests[self.base + i] += 1
+
+    def release(self, i: int) -> None:
+        self.view.conns[self.base + i] -= 1
+
+    def failed(self, i: int) -> None:
+        """nginx's accounting of a failed attempt (error, timeout, invalid header)."""
+        view = self.view
+        view.failures[self.base + i] += 1
+        if self.single:
+            return
         now = time.monotonic()
-        if tried or self.balancer.degraded(now):
-            return self.balancer.pick(now, tried)
-        ticket = self.ticket
-        n = ticket.value
-        ticket.value = n + 1
-        return self.schedule[n % len(self.schedule)]
+        view.fails[i] += 1
+        view.accessed[i] = now
+        view.checked[i] = now
+        rr, j = (self.rr, i) if i < self.primaries else (self.backup_rr, i - self.primaries)
+        rr.penalize(j)
 
-    def failed(self, index: int) -> None:
-        self.balancer.failed(index, time.monotonic())
+    def succeeded(self, i: int) -> None:
+        """A success after fail_timeout (a probe) clears the failures."""
+        view = self.view
+        if view.accessed[i] < view.checked[i]:
+            view.fails[i] = 0
 
-    def succeeded(self, index: int) -> None:
-        self.balancer.succeeded(index, time.monotonic())
+    def schedule(self, mask: int, weights: tuple[int, ...]) -> tuple[int, ...]:
+        """One smooth-WRR period over the primaries in ``mask`` (cached)."""
+        key = (mask, weights)
+        sched = self._schedules.get(key)
+        if sched is None:
+            members = [i for i in range(self.primaries) if mask >> i & 1]
+            sched = tuple(members[j] for j in swrr_schedule([weights[i] for i in members]))
+            self._schedules[key] = sched
+        return sched
 
+    # -- idle keep-alive connections --
     def take_idle(self, index: int) -> socket.socket | None:
         stack = self.idle[index]
         if stack:
@@ -65,11 +163,100 @@ class UpstreamGroup:
         self.idle[index].append(sock)
         self.idle_count += 1
 
+    def drop_idle(self, index: int) -> None:
+        """Close every idle connection to peer ``index``."""
+        stack = self.idle[index]
+        self.idle_count -= len(stack)
+        while stack:
+            stack.pop().close()
+
     def close_idle(self) -> None:
         for stack in self.idle:
             while stack:
                 stack.pop().close()
         self.idle_count = 0
+
+
+class Choice:
+    """The peers tried for one request, and the method's per-request state."""
+
+    __slots__ = ("group", "tried", "cursor", "now", "handed_over")
+
+    def __init__(self, group: UpstreamGroup, ex: Any):
+        self.group = group
+        self.tried = 0
+        self.now = time.monotonic()
+        self.handed_over = False  # the method gave up: round robin from now on
+        self.cursor = None
+        method = group.method
+        if method is not None:
+            b = group.balancing
+            if b.method == "ip_hash":
+                key = ex.remote_addr
+            elif b.method == "hash":
+                key = b.key.render(ex) if b.key is not None else ""
+            else:
+                key = None
+            self.cursor = method.begin(key)
+
+    def usable(self, i: int) -> bool:
+        g = self.group
+        return (not self.tried >> i & 1 and g.in_service(i) and not g.failed_now(i, self.now)
+                and g.below_max_conns(i))
+
+    def next(self) -> int | None:
+        """The next peer to try, or None when none is left ("no live upstreams")."""
+        g = self.group
+        g.current_weights()
+        index = None
+        if self.cursor is not None and not self.handed_over:
+            index = self.cursor.next(self.usable, g.conns)
+            if index is None:
+                self.handed_over = True
+        if index is None:
+            index = self._round_robin()
+        if index is None and g.backup_rr is not None:
+            index = self._backup()
+        if index is not None:
+            self._picked(index)
+        return index
+
+    def _round_robin(self) -> int | None:
+        g = self.group
+        p = g.primaries
+        if not self.tried and not g.limited:
+            mask = 0
+            for i in range(p):
+                if g.in_service(i):
+                    if g.failed_now(i, self.now):
+                        mask = -1
+                        break
+                    mask |= 1 << i
+            if mask > 0:
+                sched = g.schedule(mask, g._weights)
+                ticket = g.view.ticket
+                n = ticket.value
+                ticket.value = n + 1
+                return sched[n % len(sched)]
+        return g.rr.choose(lambda i: i < p and self.usable(i))
+
+    def _backup(self) -> int | None:
+        g = self.group
+        p = g.primaries
+        if g.backup_method is not None:
+            j = g.backup_method.pick(None, lambda j: self.usable(p + j),
+                                     lambda j: g.conns(p + j))
+        else:
+            j = g.backup_rr.choose(lambda j: self.usable(p + j))
+        return None if j is None else p + j
+
+    def _picked(self, i: int) -> None:
+        g = self.group
+        self.tried |= 1 << i
+        view = g.view
+        # One probe per fail_timeout: choosing a peer whose window ran out restarts it.
+        if self.now - view.checked[i] > g.servers[i].fail_timeout:
+            view.checked[i] = self.now
 
 
 def connect(address: tuple[str, int], timeout: float) -> socket.socket:

@@ -1,30 +1,124 @@
-"""Upstream state shared by all workers of one generation.
+"""Upstream peer state shared by every process of one generation, without locks.
 
-The master maps an anonymous shared memory region before forking a
-generation; every worker of that generation sees the same bytes.  Today it
-holds one 64-bit round-robin ticket per upstream group: a worker reads the
-ticket, writes it back incremented and picks ``schedule[ticket % period]``.
-There is no lock: two workers that race may read the same ticket and send one
-request each to the same peer, which only repeats one step of the schedule;
-the sequence stays correct whenever requests do not collide.
+The master maps one anonymous ``MAP_SHARED`` region per generation before it
+forks that generation's workers and sidecar, so all of them see the same bytes;
+a respawned worker maps the same region again, and a reload starts from a new
+one built from the new config.  Nothing here takes a lock: every field has a
+single writer, or tolerates the rare lost update of a racy read-modify-write.
 
-No gevent here: the master creates this.
+Per upstream group
+    ``ticket``       round-robin position; workers read it, pick
+                     ``schedule[ticket % period]`` and write ``ticket + 1``
+                     (two racing workers repeat one step, nothing worse).
+
+Per peer (index = position in ``Upstream.servers``: primaries, then backups)
+    ``fails``, ``accessed``, ``checked``
+                     nginx's failure accounting (``max_fails``/``fail_timeout``),
+                     written by whichever worker saw the failure; times are
+                     ``time.monotonic()``, the same clock in every process.
+    ``admin``        UP / DRAIN / DOWN, written by the sidecar (runtime API).
+    ``health``       UNKNOWN / HEALTHY / UNHEALTHY, written by the sidecar's
+                     health checker only.
+    ``weight``       runtime weight (0 = the configured one), written by the sidecar.
+    ``last_check``   when the health checker last finished a check (wall clock).
+
+Per peer and per worker slot (single writer: that worker)
+    ``conns``        connections in use now; a peer's count is the sum of slots.
+    ``requests``     requests sent; ``failures`` attempts that failed.
 """
 
 from __future__ import annotations
 
 import ctypes
 import mmap
-from collections.abc import Iterable
+from collections.abc import Mapping
+from dataclasses import dataclass
 
-SLOT = ctypes.sizeof(ctypes.c_uint64)
+from forklb.model import Upstream
+
+# admin states
+UP, DRAIN, DOWN = 0, 1, 2
+ADMIN_NAMES = {UP: "up", DRAIN: "drain", DOWN: "down"}
+# health states
+UNKNOWN, HEALTHY, UNHEALTHY = 0, 1, 2
+HEALTH_NAMES = {UNKNOWN: "unknown", HEALTHY: "up", UNHEALTHY: "down"}
+
+_I64 = ctypes.c_int64
+_U64 = ctypes.c_uint64
+_F64 = ctypes.c_double
+
+
+@dataclass
+class UpstreamView:
+    """ctypes arrays over one upstream's part of the shared region."""
+
+    name: str
+    size: int  # number of peers
+    slots: int  # worker slots
+    ticket: ctypes.c_uint64
+    fails: ctypes.Array
+    accessed: ctypes.Array
+    checked: ctypes.Array
+    admin: ctypes.Array
+    health: ctypes.Array
+    weight: ctypes.Array
+    last_check: ctypes.Array
+    conns: ctypes.Array  # slots * size, index slot * size + peer
+    requests: ctypes.Array
+    failures: ctypes.Array
+
+    def total_conns(self, peer: int) -> int:
+        """Connections to ``peer`` in use by all workers now."""
+        size, conns = self.size, self.conns
+        return sum(conns[slot * size + peer] for slot in range(self.slots))
+
+    def total_requests(self, peer: int) -> int:
+        size, requests = self.size, self.requests
+        return sum(requests[slot * size + peer] for slot in range(self.slots))
+
+    def total_failures(self, peer: int) -> int:
+        size, failures = self.size, self.failures
+        return sum(failures[slot * size + peer] for slot in range(self.slots))
 
 
 class SharedUpstreamState:
-    def __init__(self, names: Iterable[str]):
-        self.index = {name: i for i, name in enumerate(sorted(names))}
-        self.memory = mmap.mmap(-1, max(1, len(self.index)) * SLOT)  # MAP_SHARED | MAP_ANONYMOUS
+    """The shared region of one generation and the views into it."""
+
+    def __init__(self, upstreams: Mapping[str, Upstream], slots: int = 1):
+        self.slots = max(1, slots)
+        plan: list[tuple[str, int]] = [(name, len(u.servers)) for name, u in
+                                       sorted(upstreams.items())]
+        per_peer = 7 + 3 * self.slots  # 8-byte fields per peer (see the module docstring)
+        total = sum(8 + 8 * n * per_peer for _, n in plan) or 8
+        self.memory = mmap.mmap(-1, total)  # MAP_SHARED | MAP_ANONYMOUS, zero-filled
+        self.views: dict[str, UpstreamView] = {}
+        offset = 0
+        for name, n in plan:
+            view, offset = self._carve(name, n, offset)
+            self.views[name] = view
+
+    def _carve(self, name: str, n: int, offset: int) -> tuple[UpstreamView, int]:
+        def array(ctype, count: int):
+            nonlocal offset
+            arr = (ctype * count).from_buffer(self.memory, offset)
+            offset += 8 * count
+            return arr
+
+        ticket = _U64.from_buffer(self.memory, offset)
+        offset += 8
+        s = self.slots
+        view = UpstreamView(
+            name=name, size=n, slots=s, ticket=ticket,
+            fails=array(_I64, n), accessed=array(_F64, n), checked=array(_F64, n),
+            admin=array(_I64, n), health=array(_I64, n), weight=array(_I64, n),
+            last_check=array(_F64, n),
+            conns=array(_I64, n * s), requests=array(_U64, n * s), failures=array(_U64, n * s),
+        )
+        return view, offset
+
+    def view(self, name: str) -> UpstreamView:
+        return self.views[name]
 
     def ticket(self, name: str) -> ctypes.c_uint64:
         """The shared ticket counter of upstream ``name`` (read and write ``.value``)."""
-        return ctypes.c_uint64.from_buffer(self.memory, self.index[name] * SLOT)
+        return self.views[name].ticket
