@@ -45,6 +45,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("-s", dest="signal", choices=sorted(SIGNALS),
                    help="send a signal to the master process: stop, quit, reopen, reload")
     p.add_argument("-v", dest="version", action="store_true", help="show version and exit")
+    p.add_argument("command", nargs="*", metavar="upstream ...",
+                   help="runtime API through the sidecar: 'upstream list', 'upstream drain|up|"
+                        "down NAME ADDR', 'upstream set-weight NAME ADDR N'")
     p.add_argument("-V", dest="full_version", action="store_true",
                    help="show version and build information and exit")
     return p
@@ -111,6 +114,10 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.signal:
         return send_signal(config, args.signal)
+    if args.command:
+        from forklb.admin import run_command
+
+        return run_command(config, args.command)
     return serve(config, reload_config)
 
 

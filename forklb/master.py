@@ -98,12 +98,12 @@ def _run_sidecar(master: Master, gen: Generation, slot: int, status_fd: int,
                  sockets: dict) -> None:
     from forklb.sidecar import process  # gevent again: only in the child
 
-    process.run(gen.config, sockets, master.life_r, status_fd, master.pid)
+    process.run(gen.config, sockets, gen.shared, master.life_r, status_fd, master.pid)
 
 
 ROLES: tuple[Role, ...] = (
     Role("worker", worker_count, Config.listen_addresses, True, _run_worker),
-    Role("sidecar", lambda config: 1 if config.sidecar else 0, Config.sidecar_addresses,
+    Role("sidecar", lambda config: 1 if config.needs_sidecar else 0, Config.sidecar_addresses,
          False, _run_sidecar),
 )
 

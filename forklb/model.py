@@ -9,9 +9,11 @@ order, MIME lookup tables.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from forklb.http.variables import Template
 
@@ -41,6 +43,12 @@ class UpstreamServer:
     down: bool = False
     max_conns: int = 0  # 0: no limit
 
+    @property
+    def label(self) -> str:
+        """The resolved address as ``host:port`` (``[v6]:port``), as logs show it."""
+        host, port = self.address
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
 
 @dataclass(frozen=True, slots=True)
 class Balancing:
@@ -51,6 +59,19 @@ class Balancing:
     consistent: bool = False  # hash KEY consistent
     two: bool = False  # random two
     least_conn: bool = False  # random two least_conn
+
+
+@dataclass(frozen=True, slots=True)
+class HealthCheck:
+    """``health_check``: active checks run by the sidecar, one per server."""
+
+    interval: float = 2.0
+    timeout: float = 1.0
+    fails: int = 3  # consecutive failed checks before a server is taken out
+    passes: int = 2  # consecutive good checks before it is put back
+    uri: str = "/"
+    status: tuple[int, int] = (200, 399)  # accepted status range, inclusive
+    host: str | None = None  # Host header; default: the server's address
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +86,7 @@ class Upstream:
     servers: tuple[UpstreamServer, ...]
     keepalive: int  # idle connections each worker may keep open to this group
     balancing: Balancing = Balancing()
+    health_check: HealthCheck | None = None
 
     @property
     def primaries(self) -> int:
@@ -160,6 +182,19 @@ class Sidecar:
     metrics, the runtime API and VRRP); never on the request path."""
 
     listens: tuple[Listen, ...]
+    admin_token_file: str | None = None  # writes to the runtime API need this token
+    # (allow?, networks) rules in order; empty: loopback clients only
+    access: tuple[tuple[bool, tuple[Any, ...]], ...] = ()
+
+    def allows(self, address: str) -> bool:
+        """nginx's allow/deny: the first rule that matches decides; none: allowed."""
+        ip = ipaddress.ip_address(address.split("%")[0])
+        if not self.access:
+            return ip.is_loopback
+        for allow, networks in self.access:
+            if any(ip.version == n.version and ip in n for n in networks):
+                return allow
+        return True
 
 
 DEFAULT_SIDECAR_LISTEN = Listen("127.0.0.1", 9145)
@@ -181,6 +216,12 @@ class Config:
             for listen in server.listens:
                 seen.setdefault(listen.address, listen)
         return tuple(seen.values())
+
+    @property
+    def needs_sidecar(self) -> bool:
+        """A sidecar runs for a ``sidecar`` block or for any ``health_check``."""
+        return self.sidecar is not None or any(
+            u.health_check is not None for u in self.http.upstreams.values())
 
     def sidecar_addresses(self) -> tuple[Listen, ...]:
         return self.sidecar.listens if self.sidecar else ()

@@ -68,6 +68,10 @@ TABLE: tuple[Spec, ...] = (
     _spec("events", [MAIN], 0, block=EVENTS),
     _spec("http", [MAIN], 0, block=HTTP),
     _spec("sidecar", [MAIN], 0, block=SIDECAR),
+    # sidecar
+    _spec("admin_token_file", [SIDECAR], 1, check="string(default=None)"),
+    _spec("allow", [SIDECAR], 1, check="cidr()", multiple=True),
+    _spec("deny", [SIDECAR], 1, check="cidr()", multiple=True),
     # events
     _spec("worker_connections", [EVENTS], 1, check="number(min=1, default=512)"),
     # http
@@ -87,6 +91,7 @@ TABLE: tuple[Spec, ...] = (
     _spec("ip_hash", [UPSTREAM], 0),
     _spec("hash", [UPSTREAM], (1, 2), check="hash_method(default=None)"),
     _spec("random", [UPSTREAM], (0, 2), check="random_method(default=None)"),
+    _spec("health_check", [UPSTREAM], (0, ANY), check="health_check(default=None)"),
     # server
     _spec("listen", [SERVER, SIDECAR], (1, ANY), check="listen()", multiple=True),
     _spec("server_name", [SERVER], (1, ANY), check="string_list()", multiple=True),
@@ -394,6 +399,55 @@ def _hash_method(value):
     return (value[0], len(value) == 2)
 
 
+HEALTH_CHECK_DEFAULTS = {"interval": 2.0, "timeout": 1.0, "fails": 3, "passes": 2,
+                         "uri": "/", "status": (200, 399), "host": None}
+
+
+def _health_check(value):
+    """``health_check [interval=T] [timeout=T] [fails=N] [passes=N] [uri=URI]
+    [status=LO-HI] [host=NAME]`` -> dict of those settings."""
+    value = [] if value is None else [value] if isinstance(value, str) else value
+    options = dict(HEALTH_CHECK_DEFAULTS)
+    for param in value:
+        name, eq, arg = param.partition("=")
+        try:
+            if not eq or name not in options:
+                raise ValueError(param)
+            if name in ("interval", "timeout"):
+                options[name] = parse_time(arg)
+                if options[name] <= 0:
+                    raise ValueError(arg)
+            elif name in ("fails", "passes"):
+                if not _DIGITS.fullmatch(arg) or int(arg) < 1:
+                    raise ValueError(arg)
+                options[name] = int(arg)
+            elif name == "uri":
+                if not arg.startswith("/"):
+                    raise ValueError(arg)
+                options[name] = arg
+            elif name == "status":
+                lo, _, hi = arg.partition("-")
+                lo, hi = int(lo), int(hi or lo)
+                if not 100 <= lo <= hi <= 599:
+                    raise ValueError(arg)
+                options[name] = (lo, hi)
+            else:
+                options[name] = arg
+        except (ValueError, DirectiveError):
+            raise DirectiveError(f'invalid parameter "{param}"') from None
+    return options
+
+
+def _cidr(value):
+    """``allow``/``deny`` argument: an address, a network or ``all``."""
+    if value == "all":
+        return ipaddress.ip_network("0.0.0.0/0"), ipaddress.ip_network("::/0")
+    try:
+        return (ipaddress.ip_network(value, strict=False),)
+    except ValueError:
+        raise DirectiveError(f'invalid parameter "{value}"') from None
+
+
 def _random_method(value):
     """``random [two [least_conn]]`` -> (two, least_conn)."""
     value = [] if value is None else [value] if isinstance(value, str) else value
@@ -506,6 +560,7 @@ def make_validator() -> Validator:
         "location": _location, "proxy_url": _proxy_url,
         "size": _size, "number": _number, "count": _count, "user": _user,
         "cpu_affinity": _cpu_affinity, "hash_method": _hash_method,
+        "health_check": _health_check, "cidr": _cidr,
         "random_method": _random_method,
     })
     v.functions["each"] = _occurrences(v)

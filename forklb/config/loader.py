@@ -33,6 +33,7 @@ from forklb.model import (
     AccessLog,
     Balancing,
     Config,
+    HealthCheck,
     Http,
     Listen,
     Location,
@@ -260,7 +261,12 @@ class _Builder:
             if listen.address in taken:
                 raise _fail(f"sidecar listen {listen.host}:{listen.port} is also a server's "
                             "listen address", d)
-        return Sidecar(listens)
+        # allow/deny keep their written order (as nginx evaluates them).
+        values = {"allow": iter(block.values["allow"]), "deny": iter(block.values["deny"])}
+        rules = tuple((dd.name == "allow", next(values[dd.name]))
+                      for dd in d.children or () if dd.name in values)
+        token = block.values["admin_token_file"]
+        return Sidecar(listens, self.abs(token) if token else None, rules)
 
     def upstream(self, d: Directive, b: Block) -> None:
         name = d.args[0].text
@@ -277,7 +283,10 @@ class _Builder:
             for addr in self._resolve(host, port, written, sd):
                 servers.append(UpstreamServer(written, addr, **options))
         servers.sort(key=lambda server: server.backup)  # primaries first, order kept
-        self.upstreams[name] = Upstream(name, tuple(servers), b.values["keepalive"], balancing)
+        check = b.values["health_check"]
+        health = HealthCheck(**check) if check is not None else None
+        self.upstreams[name] = Upstream(name, tuple(servers), b.values["keepalive"], balancing,
+                                        health)
         self.upstream_names[name.lower()] = name
 
     def _balancing(self, b: Block) -> Balancing:

@@ -1,27 +1,45 @@
 """The sidecar's HTTP interface, as a WSGI application (no I/O of its own).
 
-``GET /status``   JSON: forklb version, config file, every process's figures.
-``GET /``         the same as a small HTML page for people.
+=====================================================  ============================
+``GET /status``                                        forklb version, config file,
+                                                       every process's figures (JSON)
+``GET /``                                              the same as an HTML page
+``GET /api/upstreams``                                 every upstream and server (JSON)
+``PATCH /api/upstreams/NAME/servers/ADDR``             ``{"state": ..., "weight": N}``
+=====================================================  ============================
+
+Clients outside the ``allow``/``deny`` rules (default: loopback only) get 403.
+Writes need ``Authorization: Bearer TOKEN`` with the token of
+``admin_token_file``; without a token file the API is read-only.
 """
 
 from __future__ import annotations
 
+import hmac
 import html
 import json
 from collections.abc import Callable, Iterable
 from typing import Any
+from urllib.parse import unquote
 
 from forklb import __version__
 from forklb.model import Config
+from forklb.sidecar import api
 from forklb.sidecar.processes import ProcessTable
+from forklb.upstream.shared import SharedUpstreamState
 
 StartResponse = Callable[[str, list[tuple[str, str]]], Any]
+MAX_BODY = 64 * 1024
 
 
 class StatusApp:
-    def __init__(self, config: Config, processes: ProcessTable):
+    def __init__(self, config: Config, processes: ProcessTable, shared: SharedUpstreamState,
+                 token: str | None):
         self.config = config
         self.processes = processes
+        self.shared = shared
+        self.token = token
+        self.upstreams = dict(config.http.upstreams)
 
     def status(self) -> dict[str, Any]:
         return {
@@ -34,15 +52,46 @@ class StatusApp:
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         method = environ.get("REQUEST_METHOD", "GET")
         path = environ.get("PATH_INFO", "/")
-        if method not in ("GET", "HEAD"):
-            return _respond(start_response, "405 Method Not Allowed", b"method not allowed\n",
-                            "text/plain", [("Allow", "GET, HEAD")])
-        if path == "/status":
-            body = json.dumps(self.status(), indent=2).encode() + b"\n"
-            return _respond(start_response, "200 OK", body, "application/json")
-        if path == "/":
-            return _respond(start_response, "200 OK", self._page(), "text/html; charset=utf-8")
-        return _respond(start_response, "404 Not Found", b"not found\n", "text/plain")
+        client = environ.get("REMOTE_ADDR", "")
+        sidecar = self.config.sidecar
+        if sidecar is not None and not sidecar.allows(client):
+            return _json(start_response, 403, {"error": "forbidden"})
+        try:
+            if path.startswith("/api/upstreams"):
+                return self._api(environ, start_response, method, path)
+            if method not in ("GET", "HEAD"):
+                raise api.ApiError(405, "method not allowed")
+            if path == "/status":
+                return _json(start_response, 200, self.status())
+            if path == "/":
+                return _respond(start_response, "200 OK", self._page(),
+                                "text/html; charset=utf-8")
+            raise api.ApiError(404, "not found")
+        except api.ApiError as e:
+            return _json(start_response, e.status, {"error": e.message})
+
+    def _api(self, environ: dict[str, Any], start_response: StartResponse, method: str,
+             path: str) -> list[bytes]:
+        views = self.shared.views
+        parts = [unquote(p) for p in path.strip("/").split("/")]
+        if parts == ["api", "upstreams"] and method == "GET":
+            return _json(start_response, 200, api.snapshot(self.upstreams, views))
+        if len(parts) == 5 and parts[:2] == ["api", "upstreams"] and parts[3] == "servers":
+            if method != "PATCH":
+                raise api.ApiError(405, "method not allowed")
+            self._authorize(environ)
+            upstream, i = api.find(self.upstreams, parts[2], parts[4])
+            api.change(views[upstream.name], i, _read_json(environ))
+            return _json(start_response, 200, api.snapshot({upstream.name: upstream}, views))
+        raise api.ApiError(404, "not found")
+
+    def _authorize(self, environ: dict[str, Any]) -> None:
+        if self.token is None:
+            raise api.ApiError(401, "the API is read-only: no admin_token_file configured")
+        given = environ.get("HTTP_AUTHORIZATION", "")
+        scheme, _, value = given.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip(), self.token):
+            raise api.ApiError(401, "missing or wrong token")
 
     def _page(self) -> bytes:
         status = self.status()
@@ -59,6 +108,27 @@ class StatusApp:
             "<table><tr><th>pid</th><th>role</th><th>CPU s</th><th>RSS MiB</th>"
             f"<th>fds</th></tr>{rows}</table>\n"
         ).encode()
+
+
+def _read_json(environ: dict[str, Any]) -> Any:
+    try:
+        length = int(environ.get("CONTENT_LENGTH") or 0)
+    except ValueError:
+        raise api.ApiError(400, "bad Content-Length") from None
+    if length > MAX_BODY:
+        raise api.ApiError(413, "body too large")
+    try:
+        return json.loads(environ["wsgi.input"].read(length) or b"null")
+    except (ValueError, UnicodeDecodeError):
+        raise api.ApiError(400, "the body is not valid JSON") from None
+
+
+def _json(start_response: StartResponse, status: int, body: Any) -> list[bytes]:
+    reason = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden",
+              404: "Not Found", 405: "Method Not Allowed", 413: "Payload Too Large"}
+    data = json.dumps(body, indent=2).encode() + b"\n"
+    return _respond(start_response, f"{status} {reason.get(status, '')}".strip(), data,
+                    "application/json")
 
 
 def _respond(start_response: StartResponse, status: str, body: bytes, ctype: str,

@@ -2,7 +2,8 @@
 
 It inherits its listening sockets from the master (so a reload's new sidecar
 and the old one can overlap on the same address), serves :class:`StatusApp`
-with gevent's WSGI server, and exits on QUIT/TERM or when the master dies.
+with gevent's WSGI server, runs the active health checks of every upstream
+that has ``health_check``, and exits on QUIT/TERM or when the master dies.
 """
 
 from __future__ import annotations
@@ -14,10 +15,11 @@ import socket as stdlib_socket
 from forklb.child import drop_privileges, reset_signals, start_gevent, watch_master
 from forklb.log import ErrorLog
 from forklb.model import Config
+from forklb.upstream.shared import SharedUpstreamState
 
 
-def run(config: Config, sockets: dict[tuple[str, int], stdlib_socket.socket], life_fd: int,
-        status_fd: int, master_pid: int) -> None:
+def run(config: Config, sockets: dict[tuple[str, int], stdlib_socket.socket],
+        shared: SharedUpstreamState, life_fd: int, status_fd: int, master_pid: int) -> None:
     """Entry point in the forked child; never returns."""
     log = ErrorLog(config.main.error_log, config.main.error_log_level)
     code = 0
@@ -30,15 +32,21 @@ def run(config: Config, sockets: dict[tuple[str, int], stdlib_socket.socket], li
         from gevent.socket import socket
 
         from forklb.sidecar.app import StatusApp
+        from forklb.sidecar.health import ServerCheck
         from forklb.sidecar.processes import ProcessTable
 
-        app = StatusApp(config, ProcessTable(master_pid))
+        app = StatusApp(config, ProcessTable(master_pid), shared, _read_token(config))
         servers = []
         for sock in sockets.values():
             server = WSGIServer(socket(fileno=sock.detach()), app, log=None, error_log=None)
             server.start()
             servers.append(server)
         drop_privileges(config.main.user, master_pid)
+        for upstream in config.http.upstreams.values():
+            if upstream.health_check is not None:
+                view = shared.view(upstream.name)
+                for i in range(len(upstream.servers)):
+                    gevent.spawn(ServerCheck(upstream, i, view, log.notice).run)
         done = Event()
 
         def stop() -> None:
@@ -57,3 +65,15 @@ def run(config: Config, sockets: dict[tuple[str, int], stdlib_socket.socket], li
         log.alert(f"sidecar process failed: {e!r}")
         code = 2
     os._exit(code)
+
+
+def _read_token(config: Config) -> str | None:
+    """The API token (read before privileges are dropped); startup fails without it."""
+    path = config.sidecar.admin_token_file if config.sidecar else None
+    if path is None:
+        return None
+    with open(path, encoding="utf-8") as f:
+        token = f.read().strip()
+    if not token:
+        raise ValueError(f'admin_token_file "{path}" is empty')
+    return token

@@ -33,7 +33,7 @@ from typing import Any
 from forklb.model import Upstream
 from forklb.upstream import methods
 from forklb.upstream.balancer import SmoothWeightedRoundRobin, swrr_schedule
-from forklb.upstream.shared import DOWN, DRAIN, UNHEALTHY, UpstreamView
+from forklb.upstream.shared import DOWN, DRAIN, UNHEALTHY, UpstreamView, failed_now
 
 
 class UpstreamGroup:
@@ -43,7 +43,7 @@ class UpstreamGroup:
         self.size = len(upstream.servers)
         self.primaries = upstream.primaries
         self.addresses = [s.address for s in upstream.servers]
-        self.labels = [_label(s.address) for s in upstream.servers]
+        self.labels = [s.label for s in upstream.servers]
         self.view = view
         self.base = slot * self.size  # this worker's slots in the per-worker arrays
         self.keepalive = upstream.keepalive
@@ -54,7 +54,6 @@ class UpstreamGroup:
         self.configured_weights = tuple(s.weight for s in upstream.servers)
         self._weights: tuple[int, ...] = ()
         self._schedules: dict[tuple[int, tuple[int, ...]], tuple[int, ...]] = {}
-        self.limited = any(s.max_conns for s in upstream.servers)
         self.balancing = upstream.balancing
         self._rebuild(self.configured_weights)
 
@@ -64,9 +63,10 @@ class UpstreamGroup:
         s = self.servers
         self._weights = weights
         self.rr = SmoothWeightedRoundRobin(list(weights[:p]))
-        for peer, server in zip(self.rr.peers, s[:p], strict=True):
-            peer.max_fails, peer.fail_timeout = server.max_fails, server.fail_timeout
         self.backup_rr = SmoothWeightedRoundRobin(list(weights[p:])) if p < self.size else None
+        peers = self.rr.peers + (self.backup_rr.peers if self.backup_rr else [])
+        for peer, server in zip(peers, s, strict=True):
+            peer.max_fails, peer.fail_timeout = server.max_fails, server.fail_timeout
         self.method = self.backup_method = None
         b = self.balancing
         if b.method != "round_robin":
@@ -92,11 +92,7 @@ class UpstreamGroup:
                 and view.health[i] != UNHEALTHY)
 
     def failed_now(self, i: int, now: float) -> bool:
-        server = self.servers[i]
-        if self.single or not server.max_fails:
-            return False
-        view = self.view
-        return view.fails[i] >= server.max_fails and now - view.checked[i] <= server.fail_timeout
+        return failed_now(self.servers[i], self.view, i, now, self.single)
 
     def conns(self, i: int) -> int:
         return self.view.total_conns(i)
@@ -156,11 +152,16 @@ class UpstreamGroup:
         return None
 
     def give_back(self, index: int, sock: socket.socket) -> None:
-        """Keep ``sock`` for reuse, or close it when the group holds enough."""
+        """Keep ``sock`` for reuse; when the group holds enough, the oldest idle
+        connection to this peer goes instead (nginx keeps the most recent)."""
+        stack = self.idle[index]
         if self.idle_count >= self.keepalive:
-            sock.close()
-            return
-        self.idle[index].append(sock)
+            if not stack or not self.keepalive:
+                sock.close()
+                return
+            stack.pop(0).close()
+            self.idle_count -= 1
+        stack.append(sock)
         self.idle_count += 1
 
     def drop_idle(self, index: int) -> None:
@@ -188,15 +189,15 @@ class Choice:
         self.now = time.monotonic()
         self.handed_over = False  # the method gave up: round robin from now on
         self.cursor = None
+        group.current_weights()  # a weight changed at run time rebuilds the method first
         method = group.method
         if method is not None:
             b = group.balancing
+            key: str | bytes | None = None
             if b.method == "ip_hash":
                 key = ex.remote_addr
             elif b.method == "hash":
-                key = b.key.render(ex) if b.key is not None else ""
-            else:
-                key = None
+                key = _raw(b.key.render(ex)) if b.key is not None else b""
             self.cursor = method.begin(key)
 
     def usable(self, i: int) -> bool:
@@ -207,7 +208,6 @@ class Choice:
     def next(self) -> int | None:
         """The next peer to try, or None when none is left ("no live upstreams")."""
         g = self.group
-        g.current_weights()
         index = None
         if self.cursor is not None and not self.handed_over:
             index = self.cursor.next(self.usable, g.conns)
@@ -224,12 +224,12 @@ class Choice:
     def _round_robin(self) -> int | None:
         g = self.group
         p = g.primaries
-        if not self.tried and not g.limited:
+        if not self.tried:
             mask = 0
             for i in range(p):
                 if g.in_service(i):
-                    if g.failed_now(i, self.now):
-                        mask = -1
+                    if g.failed_now(i, self.now) or not g.below_max_conns(i):
+                        mask = -1  # not the steady state: smooth WRR over the usable
                         break
                     mask |= 1 << i
             if mask > 0:
@@ -273,6 +273,9 @@ def connect(address: tuple[str, int], timeout: float) -> socket.socket:
     return sock
 
 
-def _label(address: tuple[str, int]) -> str:
-    host, port = address
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+def _raw(text: str) -> bytes:
+    """A rendered key as the bytes nginx hashes: request data arrived as latin-1."""
+    try:
+        return text.encode("latin-1")
+    except UnicodeEncodeError:  # literal text from the config beyond latin-1
+        return text.encode("utf-8")

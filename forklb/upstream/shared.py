@@ -34,7 +34,7 @@ import mmap
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from forklb.model import Upstream
+from forklb.model import Upstream, UpstreamServer
 
 # admin states
 UP, DRAIN, DOWN = 0, 1, 2
@@ -122,3 +122,12 @@ class SharedUpstreamState:
     def ticket(self, name: str) -> ctypes.c_uint64:
         """The shared ticket counter of upstream ``name`` (read and write ``.value``)."""
         return self.views[name].ticket
+
+
+def failed_now(server: UpstreamServer, view: UpstreamView, i: int, now: float,
+               single: bool) -> bool:
+    """nginx's "temporarily disabled": ``max_fails`` failures seen and the
+    ``fail_timeout`` window not over yet.  The only server of an upstream never is."""
+    if single or not server.max_fails:
+        return False
+    return view.fails[i] >= server.max_fails and now - view.checked[i] <= server.fail_timeout
