@@ -42,12 +42,22 @@ class UpstreamServer:
     backup: bool = False
     down: bool = False
     max_conns: int = 0  # 0: no limit
+    # "resolve": the sidecar re-resolves ``host`` every ``valid`` seconds; the
+    # server then owns RESOLVE_SLOTS peers whose addresses live in shared memory.
+    resolve: bool = False
+    valid: float = 30.0
+    spare: bool = False  # a "resolve" slot with no address yet
+    host: str = ""
+    port: int = 80
 
     @property
     def label(self) -> str:
         """The resolved address as ``host:port`` (``[v6]:port``), as logs show it."""
         host, port = self.address
         return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+RESOLVE_SLOTS = 8  # addresses a "resolve" server may have at once
 
 
 @dataclass(frozen=True, slots=True)
@@ -219,9 +229,11 @@ class Config:
 
     @property
     def needs_sidecar(self) -> bool:
-        """A sidecar runs for a ``sidecar`` block or for any ``health_check``."""
+        """A sidecar runs for a ``sidecar`` block, any ``health_check`` or any
+        ``resolve`` server."""
         return self.sidecar is not None or any(
-            u.health_check is not None for u in self.http.upstreams.values())
+            u.health_check is not None or any(s.resolve for s in u.servers)
+            for u in self.http.upstreams.values())
 
     def sidecar_addresses(self) -> tuple[Listen, ...]:
         return self.sidecar.listens if self.sidecar else ()

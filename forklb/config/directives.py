@@ -364,7 +364,7 @@ def _upstream_server(value):
     if not host:
         raise DirectiveError(f'no host in upstream "{address}"')
     options = {"weight": 1, "max_fails": 1, "fail_timeout": 10.0, "backup": False,
-               "down": False, "max_conns": 0}
+               "down": False, "max_conns": 0, "resolve": False, "valid": 30.0}
     for param in params:
         name, eq, arg = param.partition("=")
         try:
@@ -376,11 +376,11 @@ def _upstream_server(value):
 
 def _server_parameter(name: str, eq: str, arg: str) -> int | float | bool:
     """One ``server`` parameter of an upstream; ValueError when it is not valid."""
-    if name in ("backup", "down") and not eq:
+    if name in ("backup", "down", "resolve") and not eq:
         return True
     if not eq:
         raise ValueError(name)
-    if name == "fail_timeout":
+    if name in ("fail_timeout", "valid"):
         try:
             return parse_time(arg)
         except DirectiveError:

@@ -30,6 +30,7 @@ from forklb.config.parser import Directive, Parser
 from forklb.http.variables import Template, UnknownVariable, compile_template
 from forklb.model import (
     DEFAULT_SIDECAR_LISTEN,
+    RESOLVE_SLOTS,
     AccessLog,
     Balancing,
     Config,
@@ -280,8 +281,20 @@ class _Builder:
         for sd, (written, host, port, options) in zip(b.where["server"], entries, strict=True):
             if options["backup"] and balancing.method in ("ip_hash", "hash", "random"):
                 raise _fail('balancing method does not support parameter "backup"', sd)
+            if options["resolve"]:
+                # A fixed number of peers whose addresses the sidecar keeps current;
+                # the ones resolved now fill the first slots (or none, if it fails).
+                try:
+                    found = self._resolve(host, port, written, sd)[:RESOLVE_SLOTS]
+                except ConfigError:
+                    found = []
+                for j in range(RESOLVE_SLOTS):
+                    spare = j >= len(found)
+                    servers.append(UpstreamServer(written, (host, port) if spare else found[j],
+                                                  host=host, port=port, spare=spare, **options))
+                continue
             for addr in self._resolve(host, port, written, sd):
-                servers.append(UpstreamServer(written, addr, **options))
+                servers.append(UpstreamServer(written, addr, host=host, port=port, **options))
         servers.sort(key=lambda server: server.backup)  # primaries first, order kept
         check = b.values["health_check"]
         health = HealthCheck(**check) if check is not None else None

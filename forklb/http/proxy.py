@@ -184,12 +184,12 @@ def proxy(conn: ClientConnection, ex: Exchange, rt: LocationRuntime) -> None:
             ex.upstream_addr = ", ".join(addrs)
             conn.respond_simple(ex, last_error.status if last_error else 502)
             return
-        addrs.append(group.labels[index])
+        addrs.append(group.label(index))
         group.acquire(index)
         try:
             sock, relayed = _try_peer(conn, ex, rt, group, index, head, idempotent)
         except UpstreamError as e:
-            conn.worker.log.error(_context(e.message, conn, ex, group.labels[index]))
+            conn.worker.log.error(_context(e.message, conn, ex, group.label(index)))
             group.failed(index)
             last_error = e
             if not e.replayable(idempotent):
@@ -237,7 +237,7 @@ def _try_peer(conn: ClientConnection, ex: Exchange, rt: LocationRuntime, group: 
 
 def _connect(group: UpstreamGroup, index: int, rt: LocationRuntime) -> socket.socket:
     try:
-        return connect(group.addresses[index], rt.connect_timeout)
+        return connect(group.address(index), rt.connect_timeout)
     except TimeoutError:
         raise UpstreamError("upstream timed out (110: Connection timed out) while connecting "
                             "to upstream", status=504) from None

@@ -21,6 +21,7 @@ from forklb.upstream.shared import (
     UP,
     UpstreamView,
     failed_now,
+    get_address,
 )
 
 STATES = {"up": UP, "drain": DRAIN, "down": DOWN}
@@ -54,10 +55,13 @@ def snapshot(upstreams: dict[str, Upstream], views: dict[str, UpstreamView]) -> 
         view = views[name]
         servers = []
         for i, server in enumerate(upstream.servers):
+            if view.absent[i]:
+                continue  # a "resolve" slot the name does not fill now
             last = view.last_check[i]
+            host, port = get_address(view, i, server.address)
             servers.append({
                 "server": server.name,
-                "address": server.label,
+                "address": f"[{host}]:{port}" if ":" in host else f"{host}:{port}",
                 "weight": view.weight[i] or server.weight,
                 "backup": server.backup,
                 "state": server_state(upstream, view, i, now),
@@ -72,14 +76,20 @@ def snapshot(upstreams: dict[str, Upstream], views: dict[str, UpstreamView]) -> 
     return {"upstreams": out}
 
 
-def find(upstreams: dict[str, Upstream], name: str, address: str) -> tuple[Upstream, int]:
+def find(upstreams: dict[str, Upstream], views: dict[str, UpstreamView], name: str,
+         address: str) -> tuple[Upstream, int]:
     """The upstream called ``name`` and the index of server ``address`` in it
-    (its resolved ``host:port`` or its name as written); ApiError 404 otherwise."""
+    (its ``host:port`` now, or its name as written); ApiError 404 otherwise."""
     upstream = upstreams.get(name)
     if upstream is None:
         raise ApiError(404, f'unknown upstream "{name}"')
+    view = views[name]
     for i, server in enumerate(upstream.servers):
-        if address in (server.label, server.name):
+        if view.absent[i]:
+            continue
+        host, port = get_address(view, i, server.address)
+        label = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        if address in (label, server.name):
             return upstream, i
     raise ApiError(404, f'unknown server "{address}" in upstream "{name}"')
 

@@ -80,7 +80,7 @@ class StatusApp:
             if method != "PATCH":
                 raise api.ApiError(405, "method not allowed")
             self._authorize(environ)
-            upstream, i = api.find(self.upstreams, parts[2], parts[4])
+            upstream, i = api.find(self.upstreams, views, parts[2], parts[4])
             api.change(views[upstream.name], i, _read_json(environ))
             return _json(start_response, 200, api.snapshot({upstream.name: upstream}, views))
         raise api.ApiError(404, "not found")

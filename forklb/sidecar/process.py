@@ -34,6 +34,7 @@ def run(config: Config, sockets: dict[tuple[str, int], stdlib_socket.socket],
         from forklb.sidecar.app import StatusApp
         from forklb.sidecar.health import ServerCheck
         from forklb.sidecar.processes import ProcessTable
+        from forklb.sidecar.resolver import resolvers
 
         app = StatusApp(config, ProcessTable(master_pid), shared, _read_token(config))
         servers = []
@@ -43,10 +44,12 @@ def run(config: Config, sockets: dict[tuple[str, int], stdlib_socket.socket],
             servers.append(server)
         drop_privileges(config.main.user, master_pid)
         for upstream in config.http.upstreams.values():
+            view = shared.view(upstream.name)
             if upstream.health_check is not None:
-                view = shared.view(upstream.name)
                 for i in range(len(upstream.servers)):
                     gevent.spawn(ServerCheck(upstream, i, view, log.notice).run)
+            for resolver in resolvers(upstream, view, log.notice):
+                gevent.spawn(resolver.run)
         done = Event()
 
         def stop() -> None:

@@ -33,7 +33,14 @@ from typing import Any
 from forklb.model import Upstream
 from forklb.upstream import methods
 from forklb.upstream.balancer import SmoothWeightedRoundRobin, swrr_schedule
-from forklb.upstream.shared import DOWN, DRAIN, UNHEALTHY, UpstreamView, failed_now
+from forklb.upstream.shared import (
+    DOWN,
+    DRAIN,
+    UNHEALTHY,
+    UpstreamView,
+    failed_now,
+    get_address,
+)
 
 
 class UpstreamGroup:
@@ -43,7 +50,8 @@ class UpstreamGroup:
         self.size = len(upstream.servers)
         self.primaries = upstream.primaries
         self.addresses = [s.address for s in upstream.servers]
-        self.labels = [s.label for s in upstream.servers]
+        self.dynamic = [s.resolve for s in upstream.servers]
+        self.seen = list(self.addresses)  # last address used, per peer
         self.view = view
         self.base = slot * self.size  # this worker's slots in the per-worker arrays
         self.keepalive = upstream.keepalive
@@ -85,11 +93,26 @@ class UpstreamGroup:
         return weights
 
     # -- state of one peer --
+    def address(self, i: int) -> tuple[str, int]:
+        """Where peer ``i`` is now (a ``resolve`` server's slots follow DNS)."""
+        if not self.dynamic[i]:
+            return self.addresses[i]
+        now = get_address(self.view, i, self.addresses[i])
+        if now != self.seen[i]:  # moved: idle connections go to the old address
+            self.seen[i] = now
+            self.drop_idle(i)
+        return now
+
+    def label(self, i: int) -> str:
+        host, port = self.address(i)
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
     def in_service(self, i: int) -> bool:
-        """Not down by config, by the admin API (down or drain) or by health checks."""
+        """Not down by config, by the admin API (down or drain) or by health checks,
+        and (``resolve``) holding an address."""
         view = self.view
         return (not self.servers[i].down and view.admin[i] not in (DOWN, DRAIN)
-                and view.health[i] != UNHEALTHY)
+                and view.health[i] != UNHEALTHY and not view.absent[i])
 
     def failed_now(self, i: int, now: float) -> bool:
         return failed_now(self.servers[i], self.view, i, now, self.single)

@@ -21,6 +21,11 @@ Per peer (index = position in ``Upstream.servers``: primaries, then backups)
                      health checker only.
     ``weight``       runtime weight (0 = the configured one), written by the sidecar.
     ``last_check``   when the health checker last finished a check (wall clock).
+    ``absent``, ``family``, ``port``, ``addr``
+                     for ``resolve`` servers: the address the sidecar's resolver
+                     found for this slot (family 0: the one from the config), or
+                     absent when the name has fewer addresses than slots.  A
+                     worker reads them when it connects.
 
 Per peer and per worker slot (single writer: that worker)
     ``conns``        connections in use now; a peer's count is the sum of slots.
@@ -31,6 +36,7 @@ from __future__ import annotations
 
 import ctypes
 import mmap
+import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -63,6 +69,10 @@ class UpstreamView:
     health: ctypes.Array
     weight: ctypes.Array
     last_check: ctypes.Array
+    absent: ctypes.Array
+    family: ctypes.Array
+    port: ctypes.Array
+    addr: ctypes.Array  # size * 16 bytes: the packed IPv4/IPv6 address
     conns: ctypes.Array  # slots * size, index slot * size + peer
     requests: ctypes.Array
     failures: ctypes.Array
@@ -88,20 +98,23 @@ class SharedUpstreamState:
         self.slots = max(1, slots)
         plan: list[tuple[str, int]] = [(name, len(u.servers)) for name, u in
                                        sorted(upstreams.items())]
-        per_peer = 7 + 3 * self.slots  # 8-byte fields per peer (see the module docstring)
-        total = sum(8 + 8 * n * per_peer for _, n in plan) or 8
+        # Per peer: 11 eight-byte fields, a 16-byte address, 3 eight-byte counters a slot.
+        per_peer = 11 * 8 + 16 + 3 * 8 * self.slots
+        total = sum(8 + n * per_peer for _, n in plan) or 8
         self.memory = mmap.mmap(-1, total)  # MAP_SHARED | MAP_ANONYMOUS, zero-filled
         self.views: dict[str, UpstreamView] = {}
         offset = 0
         for name, n in plan:
             view, offset = self._carve(name, n, offset)
             self.views[name] = view
+            for i, server in enumerate(upstreams[name].servers):
+                view.absent[i] = server.spare
 
     def _carve(self, name: str, n: int, offset: int) -> tuple[UpstreamView, int]:
         def array(ctype, count: int):
             nonlocal offset
             arr = (ctype * count).from_buffer(self.memory, offset)
-            offset += 8 * count
+            offset += ctypes.sizeof(arr)
             return arr
 
         ticket = _U64.from_buffer(self.memory, offset)
@@ -112,6 +125,8 @@ class SharedUpstreamState:
             fails=array(_I64, n), accessed=array(_F64, n), checked=array(_F64, n),
             admin=array(_I64, n), health=array(_I64, n), weight=array(_I64, n),
             last_check=array(_F64, n),
+            absent=array(_I64, n), family=array(_I64, n), port=array(_I64, n),
+            addr=array(ctypes.c_ubyte, n * 16),
             conns=array(_I64, n * s), requests=array(_U64, n * s), failures=array(_U64, n * s),
         )
         return view, offset
@@ -131,3 +146,28 @@ def failed_now(server: UpstreamServer, view: UpstreamView, i: int, now: float,
     if single or not server.max_fails:
         return False
     return view.fails[i] >= server.max_fails and now - view.checked[i] <= server.fail_timeout
+
+
+def set_address(view: UpstreamView, i: int, address: tuple[str, int] | None) -> None:
+    """Point slot ``i`` of a ``resolve`` server at ``address`` (None: absent)."""
+    if address is None:
+        view.absent[i] = 1
+        return
+    host, port = address
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    packed = socket.inet_pton(family, host)
+    view.absent[i] = 1  # readers skip the slot while it changes
+    view.addr[i * 16:i * 16 + len(packed)] = list(packed)
+    view.port[i] = port
+    view.family[i] = family
+    view.absent[i] = 0
+
+
+def get_address(view: UpstreamView, i: int, configured: tuple[str, int]) -> tuple[str, int]:
+    """The address slot ``i`` points at now."""
+    family = view.family[i]
+    if not family:
+        return configured
+    size = 16 if family == socket.AF_INET6 else 4
+    packed = bytes(view.addr[i * 16:i * 16 + size])
+    return socket.inet_ntop(family, packed), view.port[i]
