@@ -28,6 +28,7 @@ from forklb.upstream.shared import (
     UP,
     SharedUpstreamState,
     UpstreamView,
+    changed,
 )
 
 NAMES = "abcdefgh"
@@ -310,23 +311,28 @@ def test_admin_and_health_states_exclude_a_peer(field_name: str, value: int) -> 
     s = Setup(servers(1, 1, 1))
     w0, w1 = s.group(0), s.group(1)
     getattr(s.view, field_name)[1] = value
+    changed(s.view)
     seq = [request(w) for _ in range(6) for w in (w0, w1)]
     assert 1 not in seq
     assert Counter(seq) == {0: 6, 2: 6}
     getattr(s.view, field_name)[1] = UP if field_name == "admin" else HEALTHY
+    changed(s.view)
     assert 1 in [request(w0) for _ in range(3)]
 
 
 def test_health_unknown_and_healthy_are_in_service() -> None:
     s = Setup(servers(1, 1))
     s.view.health[0] = UNKNOWN
+    changed(s.view)  # writers announce their changes
     s.view.health[1] = HEALTHY
+    changed(s.view)  # writers announce their changes
     assert picks(s.group(), 4) == "abab"
 
 
 def test_everything_out_of_service_is_no_live_upstreams() -> None:
     s = Setup([srv(8081, down=True), srv(8082)])
     s.view.admin[1] = DOWN
+    changed(s.view)  # writers announce their changes
     assert s.group().start(FakeExchange()).next() is None
 
 
@@ -345,11 +351,15 @@ def test_backup_only_when_no_primary_is_usable(clock: FakeClock) -> None:
 
     # Primaries out of service: backups, round robin between them.
     s.view.admin[0] = DOWN
+    changed(s.view)  # writers announce their changes
     s.view.health[1] = UNHEALTHY
+    changed(s.view)  # writers announce their changes
     assert sorted(picks(g, 4)) == list("ccdd")
     s.view.admin[0] = UP
+    changed(s.view)  # writers announce their changes
     assert picks(g, 3) == "aaa"
     s.view.health[1] = UNKNOWN
+    changed(s.view)  # writers announce their changes
 
     # Primaries failed (max_fails=1): backups until fail_timeout is over.
     g.failed(0)
@@ -386,6 +396,7 @@ def test_primary_failure_penalty_uses_max_fails() -> None:
     s = Setup([srv(8081, weight=2, max_fails=0), srv(8082), srv(8083, max_conns=9)])
     g = s.group()  # max_conns somewhere: smooth WRR runs locally, no ticket
     s.view.admin[2] = DOWN
+    changed(s.view)  # writers announce their changes
     assert request(g) == 0
     g.failed(0)
     assert picks(g, 5) == "baaba"
@@ -448,10 +459,12 @@ def test_runtime_weight_override() -> None:
     w0, w1 = s.group(0), s.group(1)
     assert picks(w0, 2) == "ab"
     s.view.weight[0] = 3
+    changed(s.view)  # writers announce their changes
     s.view.ticket.value = 0
     seq = [request(w) for _ in range(4) for w in (w0, w1)]
     assert letters(seq) == letters(swrr_schedule([3, 1])) * 2
     s.view.weight[0] = 0  # back to the configured weight
+    changed(s.view)  # writers announce their changes
     assert Counter(picks(w1, 10)) == {"a": 5, "b": 5}
 
 
@@ -460,6 +473,7 @@ def _weighted_hash_setup() -> tuple[Setup, UpstreamGroup, methods.Method]:
     g = s.group()
     assert request(g, FakeExchange(args="k=warm")) is not None  # built with weights 1,1,1
     s.view.weight[2] = 5
+    changed(s.view)  # writers announce their changes
     return s, g, methods.create("hash", [x.name for x in s.upstream.servers], [1, 1, 5])
 
 

@@ -20,6 +20,7 @@ from forklb.upstream.shared import (
     UNKNOWN,
     UP,
     UpstreamView,
+    changed,
     failed_now,
     get_address,
 )
@@ -109,3 +110,4 @@ def change(view: UpstreamView, i: int, body: Any) -> None:
         view.admin[i] = STATES[state]
     if weight is not None:
         view.weight[i] = weight
+    changed(view)

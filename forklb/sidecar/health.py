@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 
 from forklb.model import HealthCheck, Upstream, UpstreamServer
-from forklb.upstream.shared import HEALTHY, UNHEALTHY, UNKNOWN, UpstreamView
+from forklb.upstream.shared import HEALTHY, UNHEALTHY, UNKNOWN, UpstreamView, changed
 
 
 def check_request(check: HealthCheck, server: UpstreamServer) -> bytes:
@@ -86,19 +86,22 @@ class ServerCheck:
                 # Failures traffic saw before this run of good checks are outdated:
                 # without this a server that is back would wait out fail_timeout.
                 # Failures during the run still count (max_fails keeps its say).
-                if view.accessed[i] < self.streak_started:
+                if view.accessed[i] < self.streak_started and view.fails[i]:
                     view.fails[i] = 0
+                    changed(view)
                 if view.health[i] != HEALTHY:
                     if view.health[i] == UNHEALTHY:
                         self.log(f'upstream server {self.server.name} in '
                                  f'"{self.upstream.name}" is up ({self.streak} checks)')
                     view.health[i] = HEALTHY
+                    changed(view)
         else:
             self.streak = min(self.streak, 0) - 1
             if -self.streak >= check.fails and view.health[i] != UNHEALTHY:
                 self.log(f'upstream server {self.server.name} in "{self.upstream.name}" is '
                          f"down: {failure} ({-self.streak} checks)")
                 view.health[i] = UNHEALTHY
+                changed(view)
 
     def run(self) -> None:
         """Greenlet body: check forever, every interval."""

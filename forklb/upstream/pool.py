@@ -38,6 +38,7 @@ from forklb.upstream.shared import (
     DRAIN,
     UNHEALTHY,
     UpstreamView,
+    changed,
     failed_now,
     get_address,
 )
@@ -63,6 +64,12 @@ class UpstreamGroup:
         self._weights: tuple[int, ...] = ()
         self._schedules: dict[tuple[int, tuple[int, ...]], tuple[int, ...]] = {}
         self.balancing = upstream.balancing
+        self.limited = [i for i, srv in enumerate(upstream.servers) if srv.max_conns]
+        # Cached reading of the shared peer state, redone when view.epoch moves or a
+        # failure window ends: the steady-state primaries (-1: not steady).
+        self._epoch = -1
+        self._recheck_at = 0.0
+        self._steady = -1
         self._rebuild(self.configured_weights)
 
     # -- weights can change at run time (the sidecar's API writes view.weight) --
@@ -91,6 +98,30 @@ class UpstreamGroup:
         if weights != self._weights:
             self._rebuild(weights)
         return weights
+
+    def refresh(self, now: float) -> None:
+        """Re-read the shared peer state if it changed since the last request.
+
+        Most requests find the same epoch and no failure window ending, and
+        skip the per-peer reads entirely.
+        """
+        epoch = self.view.epoch.value
+        if epoch == self._epoch and now < self._recheck_at:
+            return
+        self._epoch = epoch
+        self.current_weights()
+        mask, recheck = 0, float("inf")
+        view = self.view
+        for i in range(self.primaries):
+            if not self.in_service(i):
+                continue
+            if self.failed_now(i, now):
+                mask = -1
+                recheck = min(recheck, view.checked[i] + self.servers[i].fail_timeout)
+            elif mask >= 0:
+                mask |= 1 << i
+        self._steady = mask
+        self._recheck_at = recheck
 
     # -- state of one peer --
     def address(self, i: int) -> tuple[str, int]:
@@ -147,14 +178,16 @@ class UpstreamGroup:
         view.fails[i] += 1
         view.accessed[i] = now
         view.checked[i] = now
+        changed(view)
         rr, j = (self.rr, i) if i < self.primaries else (self.backup_rr, i - self.primaries)
         rr.penalize(j)
 
     def succeeded(self, i: int) -> None:
         """A success after fail_timeout (a probe) clears the failures."""
         view = self.view
-        if view.accessed[i] < view.checked[i]:
+        if view.fails[i] and view.accessed[i] < view.checked[i]:
             view.fails[i] = 0
+            changed(view)
 
     def schedule(self, mask: int, weights: tuple[int, ...]) -> tuple[int, ...]:
         """One smooth-WRR period over the primaries in ``mask`` (cached)."""
@@ -212,7 +245,7 @@ class Choice:
         self.now = time.monotonic()
         self.handed_over = False  # the method gave up: round robin from now on
         self.cursor = None
-        group.current_weights()  # a weight changed at run time rebuilds the method first
+        group.refresh(self.now)  # a weight changed at run time rebuilds the method first
         method = group.method
         if method is not None:
             b = group.balancing
@@ -247,20 +280,15 @@ class Choice:
     def _round_robin(self) -> int | None:
         g = self.group
         p = g.primaries
-        if not self.tried:
-            mask = 0
-            for i in range(p):
-                if g.in_service(i):
-                    if g.failed_now(i, self.now) or not g.below_max_conns(i):
-                        mask = -1  # not the steady state: smooth WRR over the usable
-                        break
-                    mask |= 1 << i
-            if mask > 0:
-                sched = g.schedule(mask, g._weights)
-                ticket = g.view.ticket
-                n = ticket.value
-                ticket.value = n + 1
-                return sched[n % len(sched)]
+        mask = g._steady
+        if not self.tried and mask > 0 and all(
+                g.below_max_conns(i) for i in g.limited if mask >> i & 1):
+            sched = g.schedule(mask, g._weights)
+            ticket = g.view.ticket
+            n = ticket.value
+            ticket.value = n + 1
+            return sched[n % len(sched)]
+        # Not the steady state (a failure, a retry, a max_conns limit): smooth WRR.
         return g.rr.choose(lambda i: i < p and self.usable(i))
 
     def _backup(self) -> int | None:
@@ -280,6 +308,8 @@ class Choice:
         # One probe per fail_timeout: choosing a peer whose window ran out restarts it.
         if self.now - view.checked[i] > g.servers[i].fail_timeout:
             view.checked[i] = self.now
+            if view.fails[i]:
+                changed(view)  # a probe is out: everyone leaves the peer alone again
 
 
 def connect(address: tuple[str, int], timeout: float) -> socket.socket:

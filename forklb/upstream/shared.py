@@ -10,6 +10,9 @@ Per upstream group
     ``ticket``       round-robin position; workers read it, pick
                      ``schedule[ticket % period]`` and write ``ticket + 1``
                      (two racing workers repeat one step, nothing worse).
+    ``epoch``        bumped by every write to a peer's fails, admin, health,
+                     weight or address (:func:`changed`), so a worker re-reads
+                     the peers only when something changed.
 
 Per peer (index = position in ``Upstream.servers``: primaries, then backups)
     ``fails``, ``accessed``, ``checked``
@@ -62,6 +65,7 @@ class UpstreamView:
     size: int  # number of peers
     slots: int  # worker slots
     ticket: ctypes.c_uint64
+    epoch: ctypes.c_uint64
     fails: ctypes.Array
     accessed: ctypes.Array
     checked: ctypes.Array
@@ -100,7 +104,7 @@ class SharedUpstreamState:
                                        sorted(upstreams.items())]
         # Per peer: 11 eight-byte fields, a 16-byte address, 3 eight-byte counters a slot.
         per_peer = 11 * 8 + 16 + 3 * 8 * self.slots
-        total = sum(8 + n * per_peer for _, n in plan) or 8
+        total = sum(16 + n * per_peer for _, n in plan) or 8
         self.memory = mmap.mmap(-1, total)  # MAP_SHARED | MAP_ANONYMOUS, zero-filled
         self.views: dict[str, UpstreamView] = {}
         offset = 0
@@ -118,10 +122,11 @@ class SharedUpstreamState:
             return arr
 
         ticket = _U64.from_buffer(self.memory, offset)
-        offset += 8
+        epoch = _U64.from_buffer(self.memory, offset + 8)
+        offset += 16
         s = self.slots
         view = UpstreamView(
-            name=name, size=n, slots=s, ticket=ticket,
+            name=name, size=n, slots=s, ticket=ticket, epoch=epoch,
             fails=array(_I64, n), accessed=array(_F64, n), checked=array(_F64, n),
             admin=array(_I64, n), health=array(_I64, n), weight=array(_I64, n),
             last_check=array(_F64, n),
@@ -148,10 +153,16 @@ def failed_now(server: UpstreamServer, view: UpstreamView, i: int, now: float,
     return view.fails[i] >= server.max_fails and now - view.checked[i] <= server.fail_timeout
 
 
+def changed(view: UpstreamView) -> None:
+    """Tell every worker that peer state changed (call after the write)."""
+    view.epoch.value += 1
+
+
 def set_address(view: UpstreamView, i: int, address: tuple[str, int] | None) -> None:
     """Point slot ``i`` of a ``resolve`` server at ``address`` (None: absent)."""
     if address is None:
         view.absent[i] = 1
+        changed(view)
         return
     host, port = address
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -161,6 +172,7 @@ def set_address(view: UpstreamView, i: int, address: tuple[str, int] | None) -> 
     view.port[i] = port
     view.family[i] = family
     view.absent[i] = 0
+    changed(view)
 
 
 def get_address(view: UpstreamView, i: int, configured: tuple[str, int]) -> tuple[str, int]:
