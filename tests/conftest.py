@@ -11,7 +11,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness import ForkLB, NginxBackend, PyBackend  # noqa: E402
+from harness import ForkLB, HangupBackend, NginxBackend, PyBackend  # noqa: E402
 
 
 @pytest.fixture
@@ -71,3 +71,17 @@ def forklb_factory(tmp_path: Path) -> Iterator[Callable[..., ForkLB]]:
     yield factory
     for lb in reversed(created):
         lb.stop()
+
+
+@pytest.fixture
+def hangup_factory() -> Iterator[Callable[..., HangupBackend]]:
+    """``factory(reset=True)`` -> a started HangupBackend; all are stopped at teardown."""
+    created: list[HangupBackend] = []
+
+    def factory(reset: bool = True) -> HangupBackend:
+        created.append(HangupBackend(reset))
+        return created[-1]
+
+    yield factory
+    for backend in created:
+        backend.stop()

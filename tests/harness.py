@@ -23,8 +23,10 @@ import os
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -1076,6 +1078,52 @@ class ForkLB(_ManagedProcess):
         return found
 
 
+class HangupBackend:
+    """A backend that accepts, reads the request and hangs up without answering.
+
+    With ``reset`` (default) it closes with RST (SO_LINGER 0), otherwise with FIN.
+    ``accepts`` holds the ``time.monotonic()`` of every accepted connection and
+    ``requests`` counts those that sent bytes.  A thread serves it until ``stop()``.
+    """
+
+    def __init__(self, reset: bool = True) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.bind((LOCALHOST, 0))
+        self.sock.listen(128)
+        self.sock.settimeout(0.05)
+        self.port: int = self.sock.getsockname()[1]
+        self.reset = reset
+        self.accepts: list[float] = []
+        self.requests = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            self.accepts.append(time.monotonic())
+            conn.settimeout(1.0)
+            try:
+                if conn.recv(65536):
+                    self.requests += 1
+            except OSError:
+                pass
+            if self.reset:
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            conn.close()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self.sock.close()
+
+
 def pid_alive(pid: int) -> bool:
     """True if ``pid`` exists and is not a zombie."""
     try:
@@ -1089,6 +1137,7 @@ __all__ = [
     "NGINX_BIN",
     "REPO_ROOT",
     "ForkLB",
+    "HangupBackend",
     "HttpClient",
     "HttpProtocolError",
     "NginxBackend",

@@ -191,56 +191,6 @@ def test_malformed_request_gets_400_and_never_reaches_backend(forklb_factory, na
     assert http_request(port, "/", host="x").status == 502
 
 
-class _Hangup:
-    """A backend that accepts, reads the request and closes: with RST if ``reset``."""
-
-    def __init__(self, reset: bool) -> None:
-        import threading
-
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(16)
-        self.sock.settimeout(0.2)
-        self.port = self.sock.getsockname()[1]
-        self.reset = reset
-        self.requests = 0
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        import struct
-
-        while not self.stop.is_set():
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                continue
-            if conn.recv(65536):
-                self.requests += 1
-            if self.reset:
-                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            conn.close()
-
-    def close(self) -> None:
-        self.stop.set()
-        self.thread.join(2)
-        self.sock.close()
-
-
-@pytest.fixture
-def hangup_factory():
-    made: list[_Hangup] = []
-
-    def make(reset: bool = False) -> _Hangup:
-        made.append(_Hangup(reset))
-        return made[-1]
-
-    yield make
-    for h in made:
-        h.close()
-
-
 def test_resetting_upstream_gives_502_and_worker_keeps_serving(forklb_factory, hangup_factory):
     resetter = hangup_factory(reset=True)
     lb, port = _start(forklb_factory, [resetter.port])
@@ -252,7 +202,7 @@ def test_resetting_upstream_gives_502_and_worker_keeps_serving(forklb_factory, h
 
 def test_get_is_retried_on_next_peer_but_a_sent_post_is_not(forklb_factory, echo,
                                                             hangup_factory):
-    closer = hangup_factory()
+    closer = hangup_factory(reset=False)
     lb, port = _start(forklb_factory, [closer.port, echo.port])
     # The closer comes first in the schedule: GET moves on to the echo backend.
     r = http_request(port, "/", host="www.example.com")

@@ -13,7 +13,6 @@ and records when.
 from __future__ import annotations
 
 import socket
-import struct
 import threading
 import time
 from collections import Counter
@@ -103,38 +102,6 @@ class ThreadedBackend:
         self.thread.join(5)
 
 
-class ResetListener:
-    """Accepts connections and closes each at once with RST; records accept times."""
-
-    def __init__(self) -> None:
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.bind((LOCALHOST, 0))
-        self.sock.listen(128)
-        self.sock.settimeout(0.05)
-        self.port = self.sock.getsockname()[1]
-        self.accepts: list[float] = []
-        self._stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                conn, _ = self.sock.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            self.accepts.append(time.monotonic())
-            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            conn.close()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self.thread.join(5)
-        self.sock.close()
-
-
 @pytest.fixture
 def threaded_backend() -> Iterator:
     created: list[ThreadedBackend] = []
@@ -147,13 +114,6 @@ def threaded_backend() -> Iterator:
     yield factory
     for backend in created:
         backend.stop()
-
-
-@pytest.fixture
-def reset_listener() -> Iterator[ResetListener]:
-    listener = ResetListener()
-    yield listener
-    listener.stop()
 
 
 def get(port: int, path: str = "/", source: str | None = None,
@@ -170,6 +130,27 @@ def get(port: int, path: str = "/", source: str | None = None,
             data += chunk
     head, _, body = bytes(data).partition(b"\r\n\r\n")
     return int(head.split(b" ", 2)[1]), body.decode("latin-1").strip()
+
+
+def concurrent_gets(port: int, clients: int, each: int) -> Counter:
+    """``clients`` threads doing ``each`` requests; (status, body) counts, no errors."""
+    results: list[tuple[int, str]] = []
+    errors: list[str] = []
+
+    def client() -> None:
+        for _ in range(each):
+            try:
+                results.append(get(port))
+            except Exception as e:  # noqa: BLE001 - any failure is the finding
+                errors.append(repr(e))
+
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert not errors, errors[:5]
+    return Counter(results)
 
 
 def upstream_block(name: str, directive: str, servers: list[str]) -> str:
@@ -232,9 +213,9 @@ def test_weights_5_1_1_one_sequence_for_both_workers(nginx_backend_factory, fork
 
 
 def test_max_fails_2_fail_timeout_3s_one_probe(nginx_backend_factory, forklb_factory,
-                                               reset_listener):
+                                               hangup_factory):
     good = nginx_backend_factory("good")
-    bad = reset_listener
+    bad = hangup_factory()
     servers = [f"127.0.0.1:{bad.port} max_fails=2 fail_timeout=3s", f"127.0.0.1:{good.port}"]
     lb, port = start_lb(forklb_factory, upstream_block("app", "", servers),
                         "        location / { proxy_pass http://app; }")
@@ -289,23 +270,7 @@ def test_least_conn_prefers_the_fast_backend(threaded_backend, forklb_factory):
     servers = [f"127.0.0.1:{fast.port}", f"127.0.0.1:{slow.port}"]
     lb, port = start_lb(forklb_factory, upstream_block("app", "least_conn;", servers),
                         "        location / { proxy_pass http://app; }")
-    results: list[tuple[int, str]] = []
-    errors: list[str] = []
-
-    def client() -> None:
-        for _ in range(10):
-            try:
-                results.append(get(port))
-            except Exception as e:  # noqa: BLE001 - any failure is the finding
-                errors.append(repr(e))
-
-    threads = [threading.Thread(target=client) for _ in range(20)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(30)
-    assert not errors, errors[:5]
-    counts = Counter(results)
+    counts = concurrent_gets(port, clients=20, each=10)
     assert sum(counts.values()) == 200
     assert set(counts) <= {(200, "fast"), (200, "slow")}, counts
     assert counts[(200, "fast")] >= 4 * counts[(200, "slow")], counts
@@ -427,23 +392,7 @@ def test_max_conns_1_never_exceeded(nginx_backend_factory, threaded_backend, for
     servers = [f"127.0.0.1:{slow.port} max_conns=1", f"127.0.0.1:{fast.port}"]
     lb, port = start_lb(forklb_factory, upstream_block("app", "", servers),
                         "        location / { proxy_pass http://app; }")
-    results: list[tuple[int, str]] = []
-    errors: list[str] = []
-
-    def client() -> None:
-        for _ in range(8):
-            try:
-                results.append(get(port))
-            except Exception as e:  # noqa: BLE001 - any failure is the finding
-                errors.append(repr(e))
-
-    threads = [threading.Thread(target=client) for _ in range(12)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(30)
-    assert not errors, errors[:5]
-    counts = Counter(results)
+    counts = concurrent_gets(port, clients=12, each=8)
     assert set(counts) <= {(200, "fast"), (200, "slow")}, counts
     assert sum(counts.values()) == 96
     assert slow.total >= 3, (slow.total, counts)  # it was used, one at a time
