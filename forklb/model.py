@@ -138,6 +138,9 @@ class Location:
     access_log: tuple[AccessLog, ...]
     default_type: str
     regex: re.Pattern[str] | None = field(default=None, compare=False)
+    # ``return CODE [TEXT|URL]``: answered without proxying or files (None: not set)
+    return_: tuple[int, Template | None] | None = None
+    client_max_body_size: int = 1024 * 1024  # 0: no limit
     file: str = ""
     line: int = 0
 

@@ -59,6 +59,7 @@ class LocationRuntime:
 
     def __init__(self, loc: Location, groups: dict, mime_types: dict[str, str]):
         from forklb.http.proxy import proxy
+        from forklb.http.returns import serve_return
         from forklb.http.static import serve_static
 
         self.mime_types = mime_types
@@ -73,7 +74,12 @@ class LocationRuntime:
             names.add(name.lower().encode("latin-1"))
         self.overridden = frozenset(names)
         self.sets_host = b"host" in names
-        if loc.proxy is not None:
+        if loc.return_ is not None:
+            self.handler = serve_return
+            self.group = None
+            self.proxy_uri = None
+            self.proxy_host = ""
+        elif loc.proxy is not None:
             self.handler = proxy
             self.group = groups[loc.proxy.upstream]
             self.proxy_uri = loc.proxy.uri
@@ -138,6 +144,7 @@ class Worker:
 
         import forklb.http.connection  # noqa: F401
         import forklb.http.proxy  # noqa: F401
+        import forklb.http.returns  # noqa: F401
         import forklb.http.static  # noqa: F401
 
         self.now = gevent.get_hub().loop.now  # the loop's cached clock: no syscall

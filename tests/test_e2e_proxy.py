@@ -12,6 +12,7 @@ worker_processes 1;
 events {{ }}
 http {{
     access_log off;
+    client_max_body_size 10m;  # the streaming tests send more than nginx's 1m default
     upstream app {{ {servers} }}
     server {{
         listen 127.0.0.1:{port};

@@ -101,6 +101,8 @@ TABLE: tuple[Spec, ...] = (
           inherit=True),
     # location
     _spec("proxy_pass", [LOCATION], 1, check="proxy_url(default=None)"),
+    _spec("return", [SERVER, LOCATION], (1, 2), check="return_action(default=None)"),
+    _spec("client_max_body_size", _HTTP_LEVELS, 1, check="size(default=1m)", inherit=True),
     _spec("proxy_set_header", _HTTP_LEVELS, 2, check="string_list(min=2, max=2)",
           multiple=True, inherit=True),
     _spec("proxy_connect_timeout", _HTTP_LEVELS, 1, check="time(default=60s)", inherit=True),
@@ -448,6 +450,19 @@ def _cidr(value):
         raise DirectiveError(f'invalid parameter "{value}"') from None
 
 
+def _return_action(value):
+    """``return CODE [TEXT|URL]`` or ``return URL`` (302) -> (code, text or None)."""
+    value = [value] if isinstance(value, str) else value
+    first = value[0]
+    if len(value) == 1 and not _DIGITS.fullmatch(first):
+        if first.startswith(("http://", "https://", "$scheme")):
+            return (302, first)
+        raise DirectiveError(f'invalid return code "{first}"')
+    if not _DIGITS.fullmatch(first) or int(first) > 999:
+        raise DirectiveError(f'invalid return code "{first}"')
+    return (int(first), value[1] if len(value) == 2 else None)
+
+
 def _random_method(value):
     """``random [two [least_conn]]`` -> (two, least_conn)."""
     value = [] if value is None else [value] if isinstance(value, str) else value
@@ -560,7 +575,7 @@ def make_validator() -> Validator:
         "location": _location, "proxy_url": _proxy_url,
         "size": _size, "number": _number, "count": _count, "user": _user,
         "cpu_affinity": _cpu_affinity, "hash_method": _hash_method,
-        "health_check": _health_check, "cidr": _cidr,
+        "health_check": _health_check, "cidr": _cidr, "return_action": _return_action,
         "random_method": _random_method,
     })
     v.functions["each"] = _occurrences(v)

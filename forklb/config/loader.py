@@ -15,6 +15,7 @@ Three passes, each with one job:
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import socket
@@ -358,8 +359,16 @@ class _Builder:
                                                  ld))
         # Requests no location matches are served at server level, as in nginx.
         locations.append(self._location_from("", "", None, values, where, d))
+        if "return" in b.explicit:
+            # A server-level return runs before any location is looked up.
+            ret = self._return(values["return"], b.where["return"][0])
+            locations = [dataclasses.replace(loc, return_=ret) for loc in locations]
         return Server(listens, names, tuple(locations), values["keepalive_timeout"],
                       d.file, d.line)
+
+    def _return(self, value: tuple[int, str | None], d: Directive) -> tuple:
+        code, text = value
+        return (code, self._template(text, d) if text is not None else None)
 
     def _listens(self, entries: list[tuple], where: list[Directive]) -> tuple[Listen, ...]:
         """The server's listen addresses, checked as ``ngx_http_add_addresses`` does."""
@@ -416,9 +425,11 @@ class _Builder:
 
     def _location_from(self, modifier: str, pattern: str, b: Block | None,
                        values: dict[str, Any], where: Where, d: Directive) -> Location:
-        proxy = None
+        proxy = ret = None
         if b is not None and "proxy_pass" in b.explicit:
             proxy = self._proxy_pass(values["proxy_pass"], b.where["proxy_pass"][0], modifier)
+        if b is not None and "return" in b.explicit:
+            ret = self._return(values["return"], b.where["return"][0])
         regex = None
         if modifier in ("~", "~*"):
             regex = self._compile(pattern, re.IGNORECASE if modifier == "~*" else 0, d)
@@ -437,6 +448,8 @@ class _Builder:
             access_log=self._access_logs(values["access_log"], where.get("access_log", [])),
             default_type=values["default_type"],
             regex=regex,
+            return_=ret,
+            client_max_body_size=values["client_max_body_size"],
             file=d.file,
             line=d.line,
         )

@@ -253,11 +253,20 @@ class ClientConnection:
             self._feed(data)
 
     def body_chunks(self, ex: Exchange) -> Iterator[bytes]:
-        """Stream the request body as it arrives (decoded from chunked framing)."""
+        """Stream the request body as it arrives (decoded from chunked framing).
+
+        A chunked body that grows past ``client_max_body_size`` ends in 413.
+        """
+        limit = ex.location.client_max_body_size if ex.location is not None else 0
+        received = 0
         while True:
             if ex.body:
                 chunks, ex.body = ex.body, []
-                yield from chunks
+                for data in chunks:
+                    received += len(data)
+                    if limit and received > limit:
+                        raise BadRequest(413, "client intended to send too large chunked body")
+                    yield data
             if ex.complete:
                 return
             data = self._recv(CLIENT_BODY_TIMEOUT)
@@ -352,6 +361,14 @@ class ClientConnection:
             return
         runtime: LocationRuntime = self.worker.locations[id(ex.location)]
         try:
+            limit = ex.location.client_max_body_size
+            if limit and ex.content_length is not None and ex.content_length > limit:
+                self.worker.log.error(f"client intended to send too large body: "
+                                      f"{ex.content_length} bytes, client: {self.remote_addr}, "
+                                      f'server: {ex.server_name}, request: "{ex.request_line}"')
+                ex.keep_alive = False
+                self.respond_simple(ex, 413)
+                return
             runtime.handler(self, ex, runtime)
         finally:
             self.worker.access_log(ex)

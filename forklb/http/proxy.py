@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 import httptools
 
 from forklb.http import protocol
-from forklb.http.connection import RECV_SIZE, ClientConnection, ClientGone, Exchange
+from forklb.http.connection import RECV_SIZE, ClientConnection, Exchange
 from forklb.upstream.pool import UpstreamGroup, connect
 
 if TYPE_CHECKING:
@@ -229,7 +229,7 @@ def _try_peer(conn: ClientConnection, ex: Exchange, rt: LocationRuntime, group: 
             # the others in the pool are as dead as this one.
             group.drop_idle(index)
             sock = None
-        except ClientGone:
+        except BaseException:  # the client went away, sent too much, ...
             if sock is not None:
                 sock.close()
             raise

@@ -1,0 +1,87 @@
+"""``return`` (redirects, text, 444) and ``client_max_body_size`` (413), end to end."""
+
+from __future__ import annotations
+
+from harness import free_port, http_request, raw_exchange
+
+
+def _lb(forklb_factory, echo_port: int, server_extra: str = ""):
+    port = free_port()
+    lb = forklb_factory(f"""
+        worker_processes 1;
+        events {{ }}
+        http {{
+            access_log off;
+            default_type text/plain;
+            client_max_body_size 1k;
+            upstream app {{ server 127.0.0.1:{echo_port}; }}
+            server {{
+                listen 127.0.0.1:{port};
+                server_name www.example.com;
+                {server_extra}
+                location / {{ proxy_pass http://app; }}
+                location = /old {{ return 301 /new?from=$uri; }}
+                location = /ext {{ return https://example.org/x; }}
+                location = /hello {{ return 200 "hello $remote_addr\\n"; }}
+                location = /teapot {{ return 418; }}
+                location = /drop {{ return 444; }}
+                location /big/ {{ proxy_pass http://app; client_max_body_size 8k; }}
+                location /any/ {{ proxy_pass http://app; client_max_body_size 0; }}
+            }}
+        }}""")
+    lb.start(wait_ports=[port], workers=1)
+    return lb, port
+
+
+def test_return_redirects_text_codes_and_444(forklb_factory, py_backend_factory):
+    echo = py_backend_factory("echo")
+    lb, port = _lb(forklb_factory, echo.port)
+    r = http_request(port, "/old", host="www.example.com")
+    assert r.status == 301
+    assert r.header("location") == f"http://www.example.com:{port}/new?from=/old"
+    r = http_request(port, "/ext", host="www.example.com")
+    assert r.status == 302 and r.header("location") == "https://example.org/x"
+    r = http_request(port, "/hello", host="www.example.com")
+    assert r.status == 200 and r.text == "hello 127.0.0.1\n"
+    assert r.header("content-type") == "text/plain"
+    r = http_request(port, "/teapot", host="www.example.com")
+    assert r.status == 418 and b"418" in r.body
+    assert raw_exchange(port, b"GET /drop HTTP/1.1\r\nHost: a\r\n\r\n", timeout=3) == b""
+    assert http_request(port, "/x", host="www.example.com").status == 200  # still proxying
+
+
+def test_server_level_return_wins_over_locations(forklb_factory, py_backend_factory):
+    echo = py_backend_factory("echo")
+    lb, port = _lb(forklb_factory, echo.port, "return 301 https://www.example.com$request_uri;")
+    for path in ("/", "/hello", "/a/b?c=1"):
+        r = http_request(port, path, host="www.example.com")
+        assert r.status == 301 and r.header("location") == f"https://www.example.com{path}"
+
+
+def test_client_max_body_size(forklb_factory, py_backend_factory):
+    echo = py_backend_factory("echo")
+    lb, port = _lb(forklb_factory, echo.port)
+    ok = http_request(port, "/up", method="POST", host="h", body=b"x" * 1024)
+    assert ok.status == 200 and ok.json()["body_len"] == 1024
+    r = http_request(port, "/up", method="POST", host="h", body=b"x" * 1025)
+    assert r.status == 413
+    assert "client intended to send too large body: 1025 bytes" in lb.error_log()
+    assert http_request(port, "/big/", method="POST", host="h", body=b"x" * 8000).status == 200
+    assert http_request(port, "/any/", method="POST", host="h",
+                        body=b"x" * 300_000).status == 200
+    # A chunked body that grows past the limit while it streams.
+    chunk = b"400\r\n" + b"y" * 1024 + b"\r\n"
+    raw = (b"POST /up HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n"
+           + chunk * 2 + b"0\r\n\r\n")
+    assert raw_exchange(port, raw, timeout=5).startswith(b"HTTP/1.1 413")
+    assert http_request(port, "/up", host="h").status == 200  # the worker goes on
+
+
+def test_return_config_errors(forklb_factory):
+    lb = forklb_factory("events { }\nhttp { server { location / { return abc; } } }\n")
+    r = lb.cli("-t")
+    assert r.returncode == 1 and 'invalid return code "abc"' in r.stderr
+    lb = forklb_factory("events { }\nhttp { server { location / { return 200 $nope; } } }\n",
+                        name="second")
+    r = lb.cli("-t")
+    assert r.returncode == 1 and 'unknown "nope" variable' in r.stderr
