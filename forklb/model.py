@@ -140,6 +140,8 @@ class Location:
     regex: re.Pattern[str] | None = field(default=None, compare=False)
     # ``return CODE [TEXT|URL]``: answered without proxying or files (None: not set)
     return_: tuple[int, Template | None] | None = None
+    proxy_hide_header: tuple[str, ...] = ()  # lower-case names
+    proxy_pass_header: tuple[str, ...] = ()
     client_max_body_size: int = 1024 * 1024  # 0: no limit
     file: str = ""
     line: int = 0

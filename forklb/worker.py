@@ -55,9 +55,11 @@ class LocationRuntime:
     """What the hot path needs for one location, computed at worker start."""
 
     __slots__ = ("handler", "group", "proxy_uri", "proxy_host", "set_headers", "overridden",
-                 "sets_host", "connect_timeout", "read_timeout", "send_timeout", "mime_types")
+                 "sets_host", "connect_timeout", "read_timeout", "send_timeout", "mime_types",
+                 "hidden", "passed")
 
     def __init__(self, loc: Location, groups: dict, mime_types: dict[str, str]):
+        from forklb.http.protocol import FRAMING_RESPONSE, HIDDEN_BY_DEFAULT
         from forklb.http.proxy import proxy
         from forklb.http.returns import serve_return
         from forklb.http.static import serve_static
@@ -74,6 +76,11 @@ class LocationRuntime:
             names.add(name.lower().encode("latin-1"))
         self.overridden = frozenset(names)
         self.sets_host = b"host" in names
+        passed = frozenset(h.encode("latin-1") for h in loc.proxy_pass_header)
+        hidden = frozenset(h.encode("latin-1") for h in loc.proxy_hide_header)
+        # Response headers not relayed; Server/Date let through replace forklb's own.
+        self.hidden = FRAMING_RESPONSE | (HIDDEN_BY_DEFAULT - passed) | hidden
+        self.passed = passed & {b"server", b"date"}
         if loc.return_ is not None:
             self.handler = serve_return
             self.group = None

@@ -85,3 +85,30 @@ def test_return_config_errors(forklb_factory):
                         name="second")
     r = lb.cli("-t")
     assert r.returncode == 1 and 'unknown "nope" variable' in r.stderr
+
+
+def test_proxy_hide_header_and_proxy_pass_header(forklb_factory, py_backend_factory):
+    echo = py_backend_factory("echo", name="echo1")
+    port = free_port()
+    lb = forklb_factory(f"""
+        worker_processes 1;
+        events {{ }}
+        http {{
+            access_log off;
+            upstream app {{ server 127.0.0.1:{echo.port}; }}
+            server {{
+                listen 127.0.0.1:{port};
+                location / {{ proxy_pass http://app; }}
+                location /hide/ {{ proxy_pass http://app; proxy_hide_header X-Backend; }}
+                location /pass/ {{ proxy_pass http://app; proxy_pass_header Server; }}
+            }}
+        }}""")
+    lb.start(wait_ports=[port], workers=1)
+    r = http_request(port, "/")
+    assert r.header("server") == "forklb" and r.header("x-backend") == "echo1"
+    assert len(r.header_list("server")) == 1 and len(r.header_list("date")) == 1
+    r = http_request(port, "/hide/")
+    assert r.status == 200 and not r.has_header("x-backend")
+    r = http_request(port, "/pass/")
+    assert r.header("server").startswith("BaseHTTP")  # the backend's own Server header
+    assert len(r.header_list("server")) == 1 and r.header("x-backend") == "echo1"

@@ -105,6 +105,8 @@ TABLE: tuple[Spec, ...] = (
     _spec("client_max_body_size", _HTTP_LEVELS, 1, check="size(default=1m)", inherit=True),
     _spec("proxy_set_header", _HTTP_LEVELS, 2, check="string_list(min=2, max=2)",
           multiple=True, inherit=True),
+    _spec("proxy_hide_header", _HTTP_LEVELS, 1, check="string()", multiple=True, inherit=True),
+    _spec("proxy_pass_header", _HTTP_LEVELS, 1, check="string()", multiple=True, inherit=True),
     _spec("proxy_connect_timeout", _HTTP_LEVELS, 1, check="time(default=60s)", inherit=True),
     _spec("proxy_read_timeout", _HTTP_LEVELS, 1, check="time(default=60s)", inherit=True),
     _spec("proxy_send_timeout", _HTTP_LEVELS, 1, check="time(default=60s)", inherit=True),

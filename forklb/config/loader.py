@@ -450,6 +450,8 @@ class _Builder:
             regex=regex,
             return_=ret,
             client_max_body_size=values["client_max_body_size"],
+            proxy_hide_header=tuple(h.lower() for h in values["proxy_hide_header"]),
+            proxy_pass_header=tuple(h.lower() for h in values["proxy_pass_header"]),
             file=d.file,
             line=d.line,
         )

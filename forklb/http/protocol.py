@@ -18,12 +18,18 @@ HOP_BY_HOP_REQUEST = frozenset({
     b"expect", b"transfer-encoding", b"content-length", b"host",
 })
 
-# Response headers never forwarded to the client: hop-by-hop ones, framing the
-# proxy regenerates, and what nginx's proxy_hide_header hides by default.
-HOP_BY_HOP_RESPONSE = frozenset({
+# Response headers never forwarded to the client: hop-by-hop ones and the
+# framing the proxy regenerates.
+FRAMING_RESPONSE = frozenset({
     b"connection", b"keep-alive", b"te", b"trailer", b"upgrade", b"proxy-connection",
-    b"transfer-encoding", b"content-length", b"date", b"server", b"x-pad",
+    b"transfer-encoding", b"content-length",
 })
+# What nginx's proxy_hide_header hides by default (proxy_pass_header lets them through).
+HIDDEN_BY_DEFAULT = frozenset({
+    b"date", b"server", b"x-pad", b"x-accel-expires", b"x-accel-redirect",
+    b"x-accel-limit-rate", b"x-accel-buffering", b"x-accel-charset",
+})
+HOP_BY_HOP_RESPONSE = FRAMING_RESPONSE | HIDDEN_BY_DEFAULT
 
 IDEMPOTENT_METHODS = frozenset({b"GET", b"HEAD", b"PUT", b"DELETE", b"OPTIONS", b"TRACE"})
 

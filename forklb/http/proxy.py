@@ -282,24 +282,24 @@ def _attempt(conn: ClientConnection, ex: Exchange, rt: LocationRuntime, sock: so
         raise UpstreamError(f"{'send' if phase.startswith('send') else 'recv'}() failed "
                             f"({e.errno}: {e.strerror}) while {phase}", stale=reused,
                             sent=sent, body_consumed=body_consumed) from None
-    return _relay_response(conn, ex, sock, resp)
+    return _relay_response(conn, ex, rt, sock, resp)
 
 
-def _relay_response(conn: ClientConnection, ex: Exchange, sock: socket.socket,
-                    resp: ResponseHead) -> bool:
+def _relay_response(conn: ClientConnection, ex: Exchange, rt: LocationRuntime,
+                    sock: socket.socket, resp: ResponseHead) -> bool:
     status = resp.status
     ex.status = status
     ex.upstream_status = str(status)
     no_body = ex.method_b == b"HEAD" or status in (204, 304)
     content_length = None
     chunked_upstream = False
-    out = [b"HTTP/1.1 %d %s\r\nServer: forklb\r\nDate: " % (status, resp.reason or
-                                                            protocol.reason(status)),
-           conn.worker.date.now(), b"\r\n"]
+    out = [b"HTTP/1.1 %d %s\r\n" % (status, resp.reason or protocol.reason(status))]
+    hidden = rt.hidden
     listed: frozenset[bytes] = frozenset()
+    relayed_own: set[bytes] = set()  # Server/Date from upstream (proxy_pass_header)
     for name, value in resp.headers:
         lname = name.lower()
-        if lname in protocol.HOP_BY_HOP_RESPONSE:
+        if lname in hidden:
             if lname == b"content-length":
                 content_length = int(value)
             elif lname == b"transfer-encoding":
@@ -307,7 +307,13 @@ def _relay_response(conn: ClientConnection, ex: Exchange, sock: socket.socket,
             elif lname == b"connection":
                 listed = protocol.connection_tokens([value])
             continue
+        if lname in rt.passed:
+            relayed_own.add(lname)
         out += (name, b": ", value, b"\r\n")
+    if b"server" not in relayed_own:
+        out.append(b"Server: forklb\r\n")
+    if b"date" not in relayed_own:
+        out += (b"Date: ", conn.worker.date.now(), b"\r\n")
     if listed:
         out = [_strip_listed(b"".join(out), listed)]
     if no_body:
