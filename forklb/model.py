@@ -140,6 +140,7 @@ class Location:
     regex: re.Pattern[str] | None = field(default=None, compare=False)
     # ``return CODE [TEXT|URL]``: answered without proxying or files (None: not set)
     return_: tuple[int, Template | None] | None = None
+    access: AccessRules = ()  # allow/deny, checked before anything else
     proxy_hide_header: tuple[str, ...] = ()  # lower-case names
     proxy_pass_header: tuple[str, ...] = ()
     client_max_body_size: int = 1024 * 1024  # 0: no limit
@@ -191,6 +192,20 @@ class Main:
         return (allowed[slot % len(allowed)],)
 
 
+AccessRules = tuple[tuple[bool, tuple[Any, ...]], ...]  # (allow?, networks) in order
+
+
+def access_allows(rules: AccessRules, address: str) -> bool:
+    """nginx's allow/deny: the first rule that matches decides; none matches: allowed."""
+    if not rules:
+        return True
+    ip = ipaddress.ip_address(address.split("%")[0])
+    for allow, networks in rules:
+        if any(ip.version == n.version and ip in n for n in networks):
+            return allow
+    return True
+
+
 @dataclass(frozen=True, slots=True)
 class Sidecar:
     """``sidecar { listen ...; }``: the process that serves status (and later
@@ -202,14 +217,10 @@ class Sidecar:
     access: tuple[tuple[bool, tuple[Any, ...]], ...] = ()
 
     def allows(self, address: str) -> bool:
-        """nginx's allow/deny: the first rule that matches decides; none: allowed."""
-        ip = ipaddress.ip_address(address.split("%")[0])
+        """allow/deny as nginx; with no rules only loopback clients may use the API."""
         if not self.access:
-            return ip.is_loopback
-        for allow, networks in self.access:
-            if any(ip.version == n.version and ip in n for n in networks):
-                return allow
-        return True
+            return ipaddress.ip_address(address.split("%")[0]).is_loopback
+        return access_allows(self.access, address)
 
 
 DEFAULT_SIDECAR_LISTEN = Listen("127.0.0.1", 9145)

@@ -112,3 +112,43 @@ def test_proxy_hide_header_and_proxy_pass_header(forklb_factory, py_backend_fact
     r = http_request(port, "/pass/")
     assert r.header("server").startswith("BaseHTTP")  # the backend's own Server header
     assert len(r.header_list("server")) == 1 and r.header("x-backend") == "echo1"
+
+
+def test_allow_deny_by_address_and_cidr(forklb_factory, py_backend_factory):
+    import socket
+
+    echo = py_backend_factory("echo")
+    port = free_port()
+    lb = forklb_factory(f"""
+        worker_processes 1;
+        events {{ }}
+        http {{
+            access_log off;
+            deny 127.0.0.9;
+            upstream app {{ server 127.0.0.1:{echo.port}; }}
+            server {{
+                listen 127.0.0.1:{port};
+                location / {{ proxy_pass http://app; }}
+                location /inner/ {{ proxy_pass http://app; allow 127.0.0.0/30; deny all; }}
+            }}
+        }}""")
+    lb.start(wait_ports=[port], workers=1)
+
+    def status(path: str, source: str) -> int:
+        sock = socket.socket()
+        sock.bind((source, 0))
+        sock.settimeout(5)
+        sock.connect(("127.0.0.1", port))
+        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n".encode())
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+        sock.close()
+        return int(data.split(b" ", 2)[1])
+
+    assert status("/", "127.0.0.1") == 200
+    assert status("/", "127.0.0.9") == 403  # http level
+    assert status("/inner/", "127.0.0.2") == 200
+    assert status("/inner/", "127.0.0.9") == 403  # the location's own list
+    assert status("/inner/", "127.0.0.5") == 403  # outside 127.0.0.0/30: deny all
+    assert "access forbidden by rule, client: 127.0.0.9" in lb.error_log()

@@ -70,8 +70,10 @@ TABLE: tuple[Spec, ...] = (
     _spec("sidecar", [MAIN], 0, block=SIDECAR),
     # sidecar
     _spec("admin_token_file", [SIDECAR], 1, check="string(default=None)"),
-    _spec("allow", [SIDECAR], 1, check="cidr()", multiple=True),
-    _spec("deny", [SIDECAR], 1, check="cidr()", multiple=True),
+    # access rules; in http levels the allow/deny list of a level replaces the
+    # parent's as a whole (the loader merges them in written order)
+    _spec("allow", [HTTP, SERVER, LOCATION, SIDECAR], 1, check="cidr()", multiple=True),
+    _spec("deny", [HTTP, SERVER, LOCATION, SIDECAR], 1, check="cidr()", multiple=True),
     # events
     _spec("worker_connections", [EVENTS], 1, check="number(min=1, default=512)"),
     # http

@@ -246,6 +246,7 @@ class _Builder:
             self.log_formats[name] = self._log_format(name, text, d)
         for d, b in http.blocks("upstream"):
             self.upstream(d, b)
+        self.http_access = _access_rules(blocks[0][0], http)
         servers = tuple(self.server(d, b, http.values, http.where)
                         for d, b in http.blocks("server"))
         return Http(servers, MappingProxyType(dict(self.upstreams)), MappingProxyType(mime),
@@ -263,12 +264,8 @@ class _Builder:
             if listen.address in taken:
                 raise _fail(f"sidecar listen {listen.host}:{listen.port} is also a server's "
                             "listen address", d)
-        # allow/deny keep their written order (as nginx evaluates them).
-        values = {"allow": iter(block.values["allow"]), "deny": iter(block.values["deny"])}
-        rules = tuple((dd.name == "allow", next(values[dd.name]))
-                      for dd in d.children or () if dd.name in values)
         token = block.values["admin_token_file"]
-        return Sidecar(listens, self.abs(token) if token else None, rules)
+        return Sidecar(listens, self.abs(token) if token else None, _access_rules(d, block))
 
     def upstream(self, d: Directive, b: Block) -> None:
         name = d.args[0].text
@@ -359,6 +356,11 @@ class _Builder:
                                                  ld))
         # Requests no location matches are served at server level, as in nginx.
         locations.append(self._location_from("", "", None, values, where, d))
+        # allow/deny: a level with rules of its own replaces its parent's list whole.
+        server_access = _access_rules(d, b) or self.http_access
+        own = [_access_rules(ld, lb) for ld, lb in b.blocks("location")] + [()]
+        locations = [dataclasses.replace(loc, access=rules or server_access)
+                     for loc, rules in zip(locations, own, strict=True)]
         if "return" in b.explicit:
             # A server-level return runs before any location is looked up.
             ret = self._return(values["return"], b.where["return"][0])
@@ -505,3 +507,10 @@ def build(root: Block, path: str, prefix: str, files: tuple[str, ...]) -> Config
     http = b.http()
     return Config(main=main, http=http, path=path, prefix=prefix, files=files,
                   sidecar=b.sidecar(http))
+
+
+def _access_rules(d: Directive, block: Block) -> tuple:
+    """The allow/deny rules written in ``block`` (the inside of ``d``), in order."""
+    values = {"allow": iter(block.values["allow"]), "deny": iter(block.values["deny"])}
+    return tuple((dd.name == "allow", next(values[dd.name]))
+                 for dd in d.children or () if dd.name in values)

@@ -24,6 +24,7 @@ import httptools
 
 from forklb.http import protocol
 from forklb.http.routing import BadPath, normalize_path, split_host
+from forklb.model import access_allows
 
 if TYPE_CHECKING:
     from forklb.worker import Listener, LocationRuntime, Worker
@@ -361,6 +362,11 @@ class ClientConnection:
             return
         runtime: LocationRuntime = self.worker.locations[id(ex.location)]
         try:
+            if ex.location.access and not access_allows(ex.location.access, self.remote_addr):
+                self.worker.log.error(f"access forbidden by rule, client: {self.remote_addr}, "
+                                      f'server: {ex.server_name}, request: "{ex.request_line}"')
+                self.respond_simple(ex, 403)
+                return
             limit = ex.location.client_max_body_size
             if limit and ex.content_length is not None and ex.content_length > limit:
                 self.worker.log.error(f"client intended to send too large body: "
