@@ -144,6 +144,8 @@ class Location:
     proxy_hide_header: tuple[str, ...] = ()  # lower-case names
     proxy_pass_header: tuple[str, ...] = ()
     client_max_body_size: int = 1024 * 1024  # 0: no limit
+    client_body_timeout: float = 60.0  # longest pause between two reads of the body
+    keepalive_requests: int = 1000  # requests on one client connection, then close
     file: str = ""
     line: int = 0
 
@@ -154,6 +156,7 @@ class Server:
     names: tuple[str, ...]
     locations: tuple[Location, ...]
     keepalive_timeout: float
+    client_header_timeout: float = 60.0  # deadline for a whole request header
     file: str = ""
     line: int = 0
 

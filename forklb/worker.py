@@ -49,6 +49,7 @@ class Listener:
     vhosts: Any  # VirtualHosts[Server]
     keepalive_timeout: float
     fallback: Location  # used for access-logging requests rejected before routing
+    client_header_timeout: float = 60.0  # the default server's: Host is not known yet
 
 
 class LocationRuntime:
@@ -212,7 +213,8 @@ class Worker:
             vhosts = VirtualHosts(members)
             default: Server = vhosts.default
             self.listeners[listen.address] = Listener(
-                listen.host, listen.port, vhosts, default.keepalive_timeout, default.locations[-1]
+                listen.host, listen.port, vhosts, default.keepalive_timeout, default.locations[-1],
+                default.client_header_timeout,
             )
 
     def _serve(self) -> None:

@@ -152,3 +152,63 @@ def test_allow_deny_by_address_and_cidr(forklb_factory, py_backend_factory):
     assert status("/inner/", "127.0.0.9") == 403  # the location's own list
     assert status("/inner/", "127.0.0.5") == 403  # outside 127.0.0.0/30: deny all
     assert "access forbidden by rule, client: 127.0.0.9" in lb.error_log()
+
+
+def test_keepalive_requests_and_client_timeouts(forklb_factory, py_backend_factory):
+    import socket
+    import time
+
+    from harness import HttpClient
+
+    echo = py_backend_factory("echo")
+    port = free_port()
+    lb = forklb_factory(f"""
+        worker_processes 1;
+        events {{ }}
+        http {{
+            access_log off;
+            keepalive_requests 3;
+            client_header_timeout 1s;
+            client_body_timeout 1s;
+            upstream app {{ server 127.0.0.1:{echo.port}; }}
+            server {{ listen 127.0.0.1:{port}; location / {{ proxy_pass http://app; }} }}
+        }}""")
+    lb.start(wait_ports=[port], workers=1)
+
+    with HttpClient(port) as client:
+        answers = [client.get("/").header("connection") for _ in range(3)]
+        assert answers == ["keep-alive", "keep-alive", "close"]
+        assert client.server_closed(timeout=2)
+
+    # A header trickled one byte every 0.3 s: the 1 s deadline is not extended, and
+    # the connection is closed (as nginx does) although bytes keep coming.
+    sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+    sock.settimeout(0.05)
+    t0 = time.monotonic()
+    closed_at = None
+    for byte in b"GET / HTTP/1.1\r\nHost: slow\r\nX-Long: " + b"a" * 30:
+        try:
+            sock.sendall(bytes([byte]))
+            time.sleep(0.3)
+            if sock.recv(65536) == b"":
+                closed_at = time.monotonic() - t0
+                break
+        except TimeoutError:
+            continue
+        except OSError:
+            closed_at = time.monotonic() - t0
+            break
+    sock.close()
+    assert closed_at is not None and 0.9 < closed_at < 2.0, closed_at
+
+    # A body that stops arriving: the connection is closed after the idle timeout.
+    sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+    sock.sendall(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\nab")
+    t0 = time.monotonic()
+    try:
+        while sock.recv(65536):
+            pass
+    except OSError:
+        pass
+    sock.close()
+    assert 0.8 < time.monotonic() - t0 < 3.0

@@ -83,6 +83,10 @@ TABLE: tuple[Spec, ...] = (
     _spec("access_log", _HTTP_LEVELS, (1, 2), check="access_log()", multiple=True, inherit=True),
     _spec("keepalive_timeout", _HTTP_LEVELS, (1, 2), check="keepalive_timeout(default=75s)",
           inherit=True),
+    _spec("keepalive_requests", _HTTP_LEVELS, 1, check="count(min=1, default=1000)",
+          inherit=True),
+    _spec("client_header_timeout", [HTTP, SERVER], 1, check="time(default=60s)", inherit=True),
+    _spec("client_body_timeout", _HTTP_LEVELS, 1, check="time(default=60s)", inherit=True),
     _spec("upstream", [HTTP], 1, block=UPSTREAM, multiple=True),
     _spec("server", [HTTP], 0, block=SERVER, multiple=True),
     # upstream

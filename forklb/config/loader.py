@@ -366,7 +366,7 @@ class _Builder:
             ret = self._return(values["return"], b.where["return"][0])
             locations = [dataclasses.replace(loc, return_=ret) for loc in locations]
         return Server(listens, names, tuple(locations), values["keepalive_timeout"],
-                      d.file, d.line)
+                      values["client_header_timeout"], d.file, d.line)
 
     def _return(self, value: tuple[int, str | None], d: Directive) -> tuple:
         code, text = value
@@ -452,6 +452,8 @@ class _Builder:
             regex=regex,
             return_=ret,
             client_max_body_size=values["client_max_body_size"],
+            client_body_timeout=values["client_body_timeout"],
+            keepalive_requests=values["keepalive_requests"],
             proxy_hide_header=tuple(h.lower() for h in values["proxy_hide_header"]),
             proxy_pass_header=tuple(h.lower() for h in values["proxy_pass_header"]),
             file=d.file,

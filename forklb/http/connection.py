@@ -30,8 +30,6 @@ if TYPE_CHECKING:
     from forklb.worker import Listener, LocationRuntime, Worker
 
 MAX_HEADER_BYTES = 32 * 1024
-CLIENT_HEADER_TIMEOUT = 60.0
-CLIENT_BODY_TIMEOUT = 60.0
 RECV_SIZE = 65536
 LINGERING_TIME = 5.0  # at most this long reading what a rejected client still sends
 LINGERING_TIMEOUT = 1.0  # ... and only while it keeps sending
@@ -49,7 +47,7 @@ class Exchange:
         "version", "keep_alive", "start_time", "status", "body_bytes_sent", "bytes_sent",
         "host", "uri", "args", "path", "server", "location", "proxy_host", "upstream_addr",
         "upstream_status", "upstream_response_time", "content_length", "chunked",
-        "header_bytes", "header_bytes_read",
+        "header_bytes", "header_bytes_read", "header_deadline",
     )
 
     def __init__(self, conn: ClientConnection):
@@ -80,6 +78,7 @@ class Exchange:
         self.chunked = False
         self.header_bytes = 0
         self.header_bytes_read = 0
+        self.header_deadline = 0.0
 
     # -- the $variable interface (see forklb.http.variables) --
     @property
@@ -167,6 +166,7 @@ class ClientConnection:
     # -- httptools callbacks: fill the Exchange being parsed --
     def on_message_begin(self) -> None:
         ex = Exchange(self)
+        ex.header_deadline = self.worker.now() + self.listener.client_header_timeout
         self.parsing = ex
         self.pending.append(ex)
 
@@ -247,7 +247,15 @@ class ClientConnection:
                 # closes the connection once it has been idle for a while.
                 self.idle = True
                 self.idle_since = self.worker.now()
-            data = self._recv(keepalive_timeout if waiting_for_new else CLIENT_HEADER_TIMEOUT)
+                timeout = keepalive_timeout
+            else:
+                # client_header_timeout is a deadline for the whole header: a client
+                # that trickles bytes does not extend it (nginx only limits the gaps).
+                # When it passes the connection is closed, as nginx does.
+                timeout = self.pending[0].header_deadline - self.worker.now()
+                if timeout <= 0:
+                    return None
+            data = self._recv(timeout)
             self.idle = False
             if not data:
                 return None
@@ -270,7 +278,7 @@ class ClientConnection:
                     yield data
             if ex.complete:
                 return
-            data = self._recv(CLIENT_BODY_TIMEOUT)
+            data = self._recv(ex.location.client_body_timeout if ex.location else 60.0)
             if not data:
                 raise ClientGone("client closed the connection while sending the body")
             self._feed(data)
@@ -298,7 +306,8 @@ class ClientConnection:
         self.send(data)
 
     def keep_alive_after(self, ex: Exchange) -> bool:
-        return ex.keep_alive and ex.complete and not self.must_close and not self.worker.stopping
+        return (ex.keep_alive and ex.complete and not self.must_close and not self.worker.stopping
+                and (ex.location is None or self.requests < ex.location.keepalive_requests))
 
     # -- the loop --
     def serve(self) -> None:
