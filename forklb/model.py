@@ -20,6 +20,11 @@ from forklb.http.variables import Template
 Address = tuple[str, int]  # (host, port) with host a literal IP address
 
 
+def show_address(host: str, port: int) -> str:
+    """``host:port`` as logs and the API print it (IPv6 in brackets)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 @dataclass(frozen=True, slots=True)
 class Listen:
     host: str  # "0.0.0.0" / "::" for a wildcard address
@@ -53,8 +58,7 @@ class UpstreamServer:
     @property
     def label(self) -> str:
         """The resolved address as ``host:port`` (``[v6]:port``), as logs show it."""
-        host, port = self.address
-        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        return show_address(*self.address)
 
 
 RESOLVE_SLOTS = 8  # addresses a "resolve" server may have at once

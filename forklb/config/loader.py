@@ -46,6 +46,7 @@ from forklb.model import (
     Sidecar,
     Upstream,
     UpstreamServer,
+    show_address,
 )
 
 COMBINED = ('$remote_addr - $remote_user [$time_local] "$request" $status $body_bytes_sent '
@@ -177,11 +178,6 @@ def _fail(message: str, d: Directive) -> ConfigError:
 
 
 Where = dict[str, list[Directive]]  # directive name -> the occurrences a value came from
-
-
-def _show_address(host: str, port: int) -> str:
-    """``host:port`` as nginx prints a socket address (IPv6 in brackets)."""
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 class _Builder:
@@ -379,7 +375,7 @@ class _Builder:
         listens: list[Listen] = []
         for ld, (host, port, default_server, backlog) in zip(where, entries, strict=True):
             listen = Listen(host, port, default_server, backlog)
-            shown = _show_address(host, port)
+            shown = show_address(host, port)
             if any(other.address == listen.address for other in listens):
                 raise _fail(f"a duplicate listen {shown}", ld)
             if any(a.text.startswith("backlog=") for a in ld.args[1:]):

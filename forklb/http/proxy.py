@@ -118,7 +118,7 @@ def request_head(ex: Exchange, rt: LocationRuntime, uri: bytes) -> bytes:
             continue
         lines += (name, b": ", value, b"\r\n")
     if connection_listed:
-        lines = _drop_listed(lines, connection_listed)
+        lines = [_strip_listed(b"".join(lines), connection_listed)]
     if ex.chunked:
         lines.append(b"Transfer-Encoding: chunked\r\n")
     elif ex.content_length is not None:
@@ -127,15 +127,6 @@ def request_head(ex: Exchange, rt: LocationRuntime, uri: bytes) -> bytes:
         lines.append(b"Connection: close\r\n")
     lines.append(b"\r\n")
     return b"".join(lines)
-
-
-def _drop_listed(parts: list[bytes], listed: frozenset[bytes]) -> list[bytes]:
-    """Remove headers named in the client's Connection header (hop-by-hop too)."""
-    head = b"".join(parts).split(b"\r\n")
-    kept = [head[0]] + [
-        line for line in head[1:] if line.split(b":", 1)[0].strip().lower() not in listed
-    ]
-    return [b"\r\n".join(kept)]
 
 
 def upstream_uri(ex: Exchange, rt: LocationRuntime) -> bytes:
@@ -377,9 +368,11 @@ def _relay_response(conn: ClientConnection, ex: Exchange, rt: LocationRuntime,
 
 
 def _strip_listed(head: bytes, listed: frozenset[bytes]) -> bytes:
-    lines = head.split(b"\r\n")
+    """Remove the header lines named in a Connection header (hop-by-hop too);
+    the request or status line always stays."""
+    first, *lines = head.split(b"\r\n")
     kept = [line for line in lines if line.split(b":", 1)[0].strip().lower() not in listed]
-    return b"\r\n".join(kept)
+    return b"\r\n".join([first, *kept])
 
 
 def _context(message: str, conn: ClientConnection, ex: Exchange, upstream: str | None) -> str:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from forklb.model import Upstream
+from forklb.model import Upstream, show_address
 from forklb.upstream.shared import (
     ADMIN_NAMES,
     DOWN,
@@ -59,10 +59,9 @@ def snapshot(upstreams: dict[str, Upstream], views: dict[str, UpstreamView]) -> 
             if view.absent[i]:
                 continue  # a "resolve" slot the name does not fill now
             last = view.last_check[i]
-            host, port = get_address(view, i, server.address)
             servers.append({
                 "server": server.name,
-                "address": f"[{host}]:{port}" if ":" in host else f"{host}:{port}",
+                "address": show_address(*get_address(view, i, server.address)),
                 "weight": view.weight[i] or server.weight,
                 "backup": server.backup,
                 "state": server_state(upstream, view, i, now),
@@ -88,9 +87,7 @@ def find(upstreams: dict[str, Upstream], views: dict[str, UpstreamView], name: s
     for i, server in enumerate(upstream.servers):
         if view.absent[i]:
             continue
-        host, port = get_address(view, i, server.address)
-        label = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        if address in (label, server.name):
+        if address in (show_address(*get_address(view, i, server.address)), server.name):
             return upstream, i
     raise ApiError(404, f'unknown server "{address}" in upstream "{name}"')
 

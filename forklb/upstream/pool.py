@@ -30,7 +30,7 @@ import socket
 import time
 from typing import Any
 
-from forklb.model import Upstream
+from forklb.model import Upstream, show_address
 from forklb.upstream import methods
 from forklb.upstream.balancer import SmoothWeightedRoundRobin, swrr_schedule
 from forklb.upstream.shared import (
@@ -135,8 +135,7 @@ class UpstreamGroup:
         return now
 
     def label(self, i: int) -> str:
-        host, port = self.address(i)
-        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        return show_address(*self.address(i))
 
     def in_service(self, i: int) -> bool:
         """Not down by config, by the admin API (down or drain) or by health checks,
