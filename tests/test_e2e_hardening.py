@@ -318,6 +318,8 @@ def test_upstream_stalls_mid_body_closed_at_read_timeout(setup):
     assert resp.startswith(b"HTTP/1.1 200 ") and resp.endswith(b"\r\n\r\n" + b"s" * 10)
     assert closed
     assert 0.9 <= took < 6, took  # proxy_read_timeout 1s, not the backend's 8 s
+    assert "upstream timed out (110: Connection timed out) while reading upstream" in (
+        lb.error_log())
 
 
 def _fds(pid: int) -> int:

@@ -364,8 +364,10 @@ def _relay_response(conn: ClientConnection, ex: Exchange, rt: LocationRuntime,
         try:
             data = sock.recv(RECV_SIZE)
         except OSError as e:
-            conn.worker.log.error(_context(f"upstream read failed ({e}) while reading upstream",
-                                           conn, ex, None))
+            # A stall mid-body ends at proxy_read_timeout, logged in nginx's words.
+            what = ("upstream timed out (110: Connection timed out)"
+                    if isinstance(e, TimeoutError) else f"upstream read failed ({e})")
+            conn.worker.log.error(_context(f"{what} while reading upstream", conn, ex, None))
             conn.must_close = True
             break
         if not data:
