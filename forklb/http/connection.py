@@ -24,6 +24,7 @@ import httptools
 
 from forklb.http import protocol
 from forklb.http.routing import BadPath, normalize_path, split_host
+from forklb.http.validate import ChunkScanner, Invalid, header_name_allowed, transfer_coding
 from forklb.model import access_allows
 
 if TYPE_CHECKING:
@@ -160,6 +161,11 @@ class ClientConnection:
         self.idle_since = 0.0
         self.must_close = False
         self.linger = False  # close via _lingering_close (a response went out early)
+        # Framing followed alongside llhttp (see _feed_framed): where a header section
+        # ends, what is left of a Content-Length body, the chunked body being read.
+        self.head_tail = b""
+        self.body_left = 0
+        self.chunks: ChunkScanner | None = None
         ClientConnection.serial_counter += 1
         self.serial = ClientConnection.serial_counter
 
@@ -177,8 +183,11 @@ class ClientConnection:
 
     def on_header(self, name: bytes, value: bytes) -> None:
         ex = self.parsing
-        ex.headers.append((name, value))
         ex.header_bytes += len(name) + len(value) + 4
+        # nginx's ignore_invalid_headers: "X_Forwarded_For" is dropped, never
+        # mistaken for (or forwarded next to) X-Forwarded-For.
+        if header_name_allowed(name):
+            ex.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         ex = self.parsing
@@ -187,12 +196,19 @@ class ClientConnection:
         ex.method_b = p.get_method()
         ex.version = p.get_http_version()
         ex.keep_alive = p.should_keep_alive()
+        codings = []
         for name, value in ex.headers:
             lname = name.lower()
             if lname == b"content-length":
                 ex.content_length = int(value)
             elif lname == b"transfer-encoding":
-                ex.chunked = True
+                codings.append(value)
+        if codings:
+            # Raised inside a callback: _feed takes it from the parser's error.
+            try:
+                ex.chunked = transfer_coding(codings, ex.version)
+            except Invalid as e:
+                raise BadRequest(e.status, e.message) from None
 
     def on_body(self, body: bytes) -> None:
         self.parsing.body.append(body)
@@ -206,7 +222,7 @@ class ClientConnection:
         before = self.parsing
         continuing = before is not None and not before.headers_done
         try:
-            self.parser.feed_data(data)
+            self._feed_framed(data)
         except httptools.HttpParserUpgrade:
             # Tunnelling arrives with the proxy issue; answer this request
             # normally (Upgrade is hop-by-hop and not forwarded), then close.
@@ -214,7 +230,11 @@ class ClientConnection:
                 self.parsing.complete = True
             self.must_close = True
         except httptools.HttpParserError as e:
+            if isinstance(e.__context__, BadRequest):  # raised by one of our callbacks
+                raise e.__context__ from None
             raise BadRequest(400, f"client sent invalid request: {e}") from None
+        except Invalid as e:
+            raise BadRequest(e.status, e.message) from None
         ex = self.parsing
         if ex is None:
             return
@@ -225,6 +245,57 @@ class ClientConnection:
             ex.header_bytes_read += len(data)
         if ex.header_bytes > MAX_HEADER_BYTES or ex.header_bytes_read > MAX_HEADER_BYTES:
             raise BadRequest(400, "client sent too large request header")
+
+    def _feed_framed(self, data: bytes) -> None:
+        """Feed ``data`` to llhttp in pieces cut where framing changes.
+
+        llhttp does not say where in ``data`` a header section ended, and
+        ChunkScanner needs the exact start of a chunked body.  llhttp's strict
+        mode ends every header section at its first CRLFCRLF, so the input is
+        cut there; a Content-Length body is then counted off and a chunked body
+        scanned to its end, after which the next header section begins.
+        """
+        feed = self.parser.feed_data
+        pos, end = 0, len(data)
+        while pos < end:
+            scanner = self.chunks
+            if scanner is not None:
+                n = scanner.advance(data, pos)
+                if scanner.done:
+                    self.chunks = None
+            elif self.body_left:
+                n = min(self.body_left, end - pos)
+                self.body_left -= n
+            else:
+                cut = self._head_end(data, pos)
+                if cut < 0:
+                    rest = data[pos:] if pos else data
+                    self.head_tail = (self.head_tail + rest[-3:])[-3:]
+                    feed(rest)
+                    return
+                self.head_tail = b""
+                feed(data[pos:cut] if pos or cut < end else data)
+                pos = cut
+                ex = self.parsing
+                if ex is not None and ex.headers_done and not ex.complete:
+                    if ex.chunked:
+                        self.chunks = ChunkScanner()
+                    elif ex.content_length:
+                        self.body_left = ex.content_length
+                continue
+            feed(data[pos:pos + n] if pos or n < end else data)
+            pos += n
+
+    def _head_end(self, data: bytes, pos: int) -> int:
+        """Offset just after the first CRLFCRLF in ``data[pos:]`` (one that began in
+        the previous read counts), or -1."""
+        tail = self.head_tail
+        if tail:
+            i = (tail + data[pos:pos + 3]).find(b"\r\n\r\n")
+            if i >= 0:
+                return pos + i + 4 - len(tail)
+        i = data.find(b"\r\n\r\n", pos)
+        return i + 4 if i >= 0 else -1
 
     def _recv(self, timeout: float) -> bytes:
         self.sock.settimeout(timeout)

@@ -24,6 +24,7 @@ import httptools
 
 from forklb.http import protocol
 from forklb.http.connection import RECV_SIZE, ClientConnection, Exchange
+from forklb.http.validate import Invalid, response_start_ok, transfer_coding
 from forklb.upstream.pool import UpstreamGroup, connect
 
 if TYPE_CHECKING:
@@ -52,7 +53,7 @@ class ResponseHead:
     """httptools callbacks for one upstream response."""
 
     __slots__ = ("parser", "reason", "headers", "headers_done", "complete", "body", "status",
-                 "keep_alive", "head_request")
+                 "keep_alive", "head_request", "prefix")
 
     def __init__(self, head_request: bool):
         self.parser = httptools.HttpResponseParser(self)
@@ -64,6 +65,7 @@ class ResponseHead:
         self.body: list[bytes] = []
         self.status = 0
         self.keep_alive = False
+        self.prefix = b""  # the reply's first bytes, until they show "HTTP/"
 
     def on_message_begin(self) -> None:
         self.reason = b""
@@ -82,6 +84,11 @@ class ResponseHead:
         self.keep_alive = self.parser.should_keep_alive()
         if 100 <= self.status < 200 and self.status != 101:
             return  # interim response: skipped, the final one follows
+        codings = [v for n, v in self.headers if n.lower() == b"transfer-encoding"]
+        if codings:
+            # Any coding but chunked (nginx >= 1.23: "upstream sent unknown
+            # Transfer-Encoding"): the body's end could not be found. Re-raised by feed.
+            transfer_coding(codings, "1.1")
         self.headers_done = True
         if self.head_request:
             self.complete = True
@@ -94,9 +101,20 @@ class ResponseHead:
             self.complete = True
 
     def feed(self, data: bytes) -> None:
+        """Parse ``data``; a reply that is not HTTP/1.x, or framing forklb refuses,
+        raises Invalid (llhttp takes RTSP/ and ICE/ too, nginx 1.22 even HTTP/0.9)."""
         if self.head_request and self.headers_done:
             return  # llhttp does not know HEAD responses have no body
-        self.parser.feed_data(data)
+        if len(self.prefix) < 5:
+            self.prefix += data[:5 - len(self.prefix)]
+            if not response_start_ok(self.prefix):
+                raise Invalid(502, "upstream sent no valid HTTP/1.0 header")
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError as e:
+            if isinstance(e.__context__, Invalid):
+                raise e.__context__ from None
+            raise
 
 
 def request_head(ex: Exchange, rt: LocationRuntime, uri: bytes) -> bytes:
@@ -269,6 +287,9 @@ def _attempt(conn: ClientConnection, ex: Exchange, rt: LocationRuntime, sock: so
     except httptools.HttpParserError as e:
         raise UpstreamError(f"upstream sent invalid header ({e}) while {phase}", sent=sent,
                             body_consumed=body_consumed) from None
+    except Invalid as e:
+        raise UpstreamError(f"{e.message.replace('client', 'upstream')} while {phase}",
+                            sent=sent, body_consumed=body_consumed) from None
     except OSError as e:
         raise UpstreamError(f"{'send' if phase.startswith('send') else 'recv'}() failed "
                             f"({e.errno}: {e.strerror}) while {phase}", stale=reused,
@@ -343,8 +364,10 @@ def _relay_response(conn: ClientConnection, ex: Exchange, rt: LocationRuntime,
         try:
             data = sock.recv(RECV_SIZE)
         except OSError as e:
-            conn.worker.log.error(_context(f"upstream read failed ({e}) while reading upstream",
-                                           conn, ex, None))
+            # A stall mid-body ends at proxy_read_timeout, logged in nginx's words.
+            what = ("upstream timed out (110: Connection timed out)"
+                    if isinstance(e, TimeoutError) else f"upstream read failed ({e})")
+            conn.worker.log.error(_context(f"{what} while reading upstream", conn, ex, None))
             conn.must_close = True
             break
         if not data:
@@ -359,7 +382,7 @@ def _relay_response(conn: ClientConnection, ex: Exchange, rt: LocationRuntime,
             break
         try:
             resp.feed(data)
-        except httptools.HttpParserError:
+        except (httptools.HttpParserError, Invalid):
             conn.must_close = True
             break
     ex.body_bytes_sent = sent
