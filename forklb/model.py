@@ -157,6 +157,7 @@ class Location:
     try_files: TryFiles | None = None
     error_pages: Mapping[int, ErrorPage] = field(default_factory=dict, compare=False)
     sendfile: bool = True
+    mime_types: Mapping[str, str] | None = field(default=None, compare=False)  # None: http's
 
     @property
     def named(self) -> bool:

@@ -103,6 +103,8 @@ class LocationRuntime:
         """Where the location's files are, and try_files in front of its handler."""
         from forklb.http.static import REGEX_ALIAS, with_try_files
 
+        if loc.mime_types is not None:  # types written in the server or location
+            self.mime_types = loc.mime_types
         self.doc_root = loc.root if loc.alias is None else loc.alias
         if loc.alias is None:
             self.alias_len = None

@@ -27,7 +27,6 @@ events {{ }}
 http {{
     access_log off;
     default_type text/plain;
-    types {{ text/html html; text/css css; }}  # server-level types are not applied yet
     server {{
         listen 127.0.0.1:{port};
         {body}

@@ -227,3 +227,13 @@ def test_named_locations_are_listed_and_never_matched(tmp_path: Path) -> None:
     server = _load(tmp_path, "location @back { }\nlocation / { }").http.servers[0]
     assert list(server.named) == ["@back"]
     assert LocationMatcher(server.locations).match("/@back").pattern == "/"
+
+
+def test_types_per_server_and_location(tmp_path: Path) -> None:
+    server = _load(tmp_path, "types { text/css css; }\n"
+                             "location /a/ { types { image/png png; } }\nlocation /b/ { }",
+                   http="types { text/html html; }").http.servers[0]
+    a, b, level = server.locations
+    assert dict(a.mime_types) == {"png": "image/png"}  # its own types replace the server's
+    assert dict(b.mime_types) == {"css": "text/css"} == dict(level.mime_types)
+    assert _load(tmp_path, "location / { }").http.servers[0].locations[0].mime_types is None

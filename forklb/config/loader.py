@@ -363,6 +363,12 @@ class _Builder:
             # A server-level return runs before any location is looked up.
             ret = self._return(values["return"], b.where["return"][0])
             locations = [dataclasses.replace(loc, return_=ret) for loc in locations]
+        # types: a level with its own types blocks replaces its parent's map whole.
+        server_types = _types(b)
+        locations = [dataclasses.replace(loc, mime_types=types or server_types)
+                     for loc, types in zip(locations, [_types(lb) for _ld, lb in
+                                                       b.blocks("location")] + [None],
+                                           strict=True)]
         named = {loc.pattern: loc for loc in locations if loc.named}
         return Server(listens, names, tuple(locations), values["keepalive_timeout"],
                       values["client_header_timeout"], d.file, d.line, named)
@@ -558,3 +564,14 @@ def _access_rules(d: Directive, block: Block) -> tuple:
     values = {"allow": iter(block.values["allow"]), "deny": iter(block.values["deny"])}
     return tuple((dd.name == "allow", next(values[dd.name]))
                  for dd in d.children or () if dd.name in values)
+
+
+def _types(block: Block) -> MappingProxyType | None:
+    """The MIME map of ``block``'s own ``types`` blocks, or None when it has none."""
+    blocks = block.blocks("types")
+    if not blocks:
+        return None
+    mime: dict[str, str] = {}
+    for _d, t in blocks:
+        mime.update(t.mime_types)
+    return MappingProxyType(mime)
