@@ -157,6 +157,7 @@ class Location:
     try_files: TryFiles | None = None
     error_pages: Mapping[int, ErrorPage] = field(default_factory=dict, compare=False)
     sendfile: bool = True
+    proxy_intercept_errors: bool = False  # upstream statuses with an error_page get the page
     mime_types: Mapping[str, str] | None = field(default=None, compare=False)  # None: http's
 
     @property

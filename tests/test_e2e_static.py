@@ -203,6 +203,10 @@ ERROR_BODY = """
     location /deny/ {{ deny all; error_page 403 /404.html; }}
     location /dead/ {{ proxy_pass http://127.0.0.1:{dead}; }}
     location /up/ {{ proxy_pass http://127.0.0.1:{upstream}; }}
+    location /icpt/ {{ proxy_pass http://127.0.0.1:{upstream}; proxy_intercept_errors on; }}
+    location /icpt-other/ {{
+        proxy_pass http://127.0.0.1:{upstream}; proxy_intercept_errors on; error_page 500 /50x.html;
+    }}
     location /app/ {{ try_files $uri $uri/ /app/index.html; }}
     location /tf/ {{ try_files $uri =404; }}
     location /tfa/ {{ alias {other}/; try_files $uri =403; }}
@@ -223,6 +227,7 @@ def test_error_page_and_try_files_like_nginx(site, forklb_factory, nginx_backend
         "/keep/x", "/own/x", "/url/x", "/url301/x", "/loop/x", "/ret/x", "/deny/x",
         "/dead/x", ("/dead/x", "HEAD"),
         "/up/x",  # the upstream's own 404 is relayed, not replaced (no proxy_intercept_errors)
+        "/icpt/x", ("/icpt/x", "HEAD"), "/icpt-other/x",  # replaced only with a page for it
         "/app/", "/app/route/deep", "/app/index.html", "/tf/x", "/tfa/o.txt", "/tfa/x",
         "/cyc/a", "/named/x", "/enamed/x",
     ])

@@ -122,6 +122,7 @@ TABLE: tuple[Spec, ...] = (
     _spec("error_page", _HTTP_LEVELS, (2, ANY), check="error_page()", multiple=True,
           inherit=True),
     _spec("sendfile", _HTTP_LEVELS, 1, check="flag(default=on)", inherit=True),
+    _spec("proxy_intercept_errors", _HTTP_LEVELS, 1, check="flag(default=off)", inherit=True),
 )
 
 # "include" is expanded by the parser in every context; it is listed so the

@@ -488,6 +488,7 @@ class _Builder:
         elif b is None and values.get("try_files") is not None:
             try_files = self._try_files(values["try_files"], where["try_files"][0])
         return {"alias": alias, "try_files": try_files, "sendfile": values["sendfile"],
+                "proxy_intercept_errors": values["proxy_intercept_errors"],
                 "error_pages": self._error_pages(values["error_page"],
                                                  where.get("error_page", []))}
 

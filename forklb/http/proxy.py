@@ -281,6 +281,13 @@ def _attempt(conn: ClientConnection, ex: Exchange, rt: LocationRuntime, sock: so
 
 def _relay_response(conn: ClientConnection, ex: Exchange, rt: LocationRuntime,
                     sock: socket.socket, resp: ResponseHead) -> bool:
+    if ex.location.proxy_intercept_errors and resp.status >= 300 and not ex.error_paged \
+            and resp.status in ex.location.error_pages:
+        # proxy_intercept_errors: the page replaces the upstream's answer, whose
+        # connection is dropped rather than drained
+        ex.upstream_status = str(resp.status)
+        conn.respond_simple(ex, resp.status)
+        return False
     status = ex.err_status or resp.status  # an error page keeps the error's status
     ex.status = status
     ex.upstream_status = str(status)
