@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -264,3 +266,26 @@ def test_error_page_is_per_level_and_not_recursive(site, forklb_factory):
     assert r.status == 404 and _builtin(r)
     r = http_request(port, "/twice/x")  # the page is missing too: built-in, no second redirect
     assert r.status == 404 and _builtin(r)
+
+
+def test_unreadable_file_is_403(forklb_factory):
+    # Root reads everything, so the workers run as nobody (when the tests run as root)
+    # on a site outside tmp_path, whose parents only root may enter.
+    site = Path(tempfile.mkdtemp(prefix="forklb-static-"))
+    try:
+        site.chmod(0o755)
+        (site / "open.txt").write_text("readable\n")
+        (site / "closed.txt").write_text("secret\n")
+        (site / "closed.txt").chmod(0o000)
+        user = "user nobody nogroup;" if os.geteuid() == 0 else ""
+        port = free_port()
+        conf = FORKLB_CONF.format(port=port, body=f"root {site};").replace(
+            "worker_processes 1;", f"worker_processes 1; {user}")
+        lb = forklb_factory(conf)
+        lb.start(wait_ports=[port], workers=1)
+        assert http_request(port, "/open.txt").status == 200
+        assert http_request(port, "/closed.txt").status == 403
+        assert http_request(port, "/absent.txt").status == 404
+        assert f'open() "{site}/closed.txt" failed (13: Permission denied)' in lb.error_log()
+    finally:
+        shutil.rmtree(site, ignore_errors=True)
