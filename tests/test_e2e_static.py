@@ -85,10 +85,10 @@ def _builtin(resp) -> bool:
 
 
 def _compare(fport: int, nport: int, path: str, method: str = "GET",
-             headers: dict | None = None) -> list[str]:
+             headers: dict | None = None, body: bytes = b"") -> list[str]:
     """Differences between forklb's and nginx's answers to one request."""
-    ours = http_request(fport, path, method=method, headers=headers)
-    ref = http_request(nport, path, method=method, headers=headers)
+    ours = http_request(fport, path, method=method, headers=headers, body=body)
+    ref = http_request(nport, path, method=method, headers=headers, body=body)
     what = f"{method} {path} {headers or ''}"
     if ours.status != ref.status:
         return [f"{what}: status {ours.status} != nginx {ref.status}"]
@@ -115,7 +115,8 @@ def _check(fport: int, nport: int, cases: list) -> None:
         path, *rest = case if isinstance(case, tuple) else (case,)
         method = next((r for r in rest if isinstance(r, str)), "GET")
         headers = next((r for r in rest if isinstance(r, dict)), None)
-        problems += _compare(fport, nport, path, method, headers)
+        body = next((r for r in rest if isinstance(r, bytes)), b"")
+        problems += _compare(fport, nport, path, method, headers, body)
     assert not problems, "\n".join(problems)
 
 
@@ -216,6 +217,7 @@ ERROR_BODY = """
     location /named/ {{ try_files $uri @back; }}
     location /enamed/ {{ error_page 404 = @back; }}
     location @back {{ proxy_pass http://127.0.0.1:{upstream}; }}
+    location /small/ {{ client_max_body_size 1; error_page 413 /404.html; }}
 """
 
 
@@ -231,7 +233,7 @@ def test_error_page_and_try_files_like_nginx(site, forklb_factory, nginx_backend
         "/up/x",  # the upstream's own 404 is relayed, not replaced (no proxy_intercept_errors)
         "/icpt/x", ("/icpt/x", "HEAD"), "/icpt-other/x",  # replaced only with a page for it
         "/app/", "/app/route/deep", "/app/index.html", "/tf/x", "/tfa/o.txt", "/tfa/x",
-        "/cyc/a", "/named/x", "/enamed/x",
+        "/cyc/a", "/named/x", "/enamed/x", ("/small/x", "POST", b"too big"),
     ])
 
 
