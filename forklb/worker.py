@@ -110,7 +110,7 @@ class LocationRuntime:
             self.alias_len = None
         else:
             self.alias_len = REGEX_ALIAS if loc.regex is not None else len(loc.pattern)
-        if loc.try_files is not None:
+        if loc.try_files is not None and loc.return_ is None:  # return runs before it
             self.handler = with_try_files(self.handler)
 
 

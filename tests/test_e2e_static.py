@@ -217,6 +217,7 @@ ERROR_BODY = """
     location /named/ {{ try_files $uri @back; }}
     location /enamed/ {{ error_page 404 = @back; }}
     location @back {{ proxy_pass http://127.0.0.1:{upstream}; }}
+    location /tfret/ {{ try_files $uri =404; return 200 "returned"; }}
     location /small/ {{ client_max_body_size 1; error_page 413 /404.html; }}
 """
 
@@ -234,6 +235,7 @@ def test_error_page_and_try_files_like_nginx(site, forklb_factory, nginx_backend
         "/icpt/x", ("/icpt/x", "HEAD"), "/icpt-other/x",  # replaced only with a page for it
         "/app/", "/app/route/deep", "/app/index.html", "/tf/x", "/tfa/o.txt", "/tfa/x",
         "/cyc/a", "/named/x", "/enamed/x", ("/small/x", "POST", b"too big"),
+        "/tfret/x",
     ])
 
 
