@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from harness import HttpClient, free_port, http_request, wait_port
+from harness import HttpClient, free_port, http_request, wait_for, wait_port
 
 MTIME = 1_700_000_000
 BIG = 3 * 1024 * 1024 + 17  # well above the single-write threshold: goes through sendfile
@@ -256,6 +256,7 @@ def test_named_location_keeps_method_and_uri(site, forklb_factory, py_backend_fa
 
 def test_error_page_is_per_level_and_not_recursive(site, forklb_factory):
     body = f"""
+        access_log logs/access.log fmt;
         root {site / "www"};
         error_page 404 /404.html;
         location /own/ {{ error_page 500 /50x.html; }}
@@ -263,9 +264,16 @@ def test_error_page_is_per_level_and_not_recursive(site, forklb_factory):
         location /twice/ {{ error_page 404 /twice/missing.html; }}
     """
     port = free_port()
-    forklb_factory(FORKLB_CONF.format(port=port, body=body)).start(wait_ports=[port], workers=1)
-    r = http_request(port, "/inherit/x")
+    conf = FORKLB_CONF.format(port=port, body=body).replace(
+        "access_log off;", "log_format fmt '$request|$request_method|$uri|$status';")
+    lb = forklb_factory(conf)
+    lb.start(wait_ports=[port], workers=1)
+    r = http_request(port, "/inherit/x", method="POST", body=b"x")
     assert (r.status, r.body) == (404, b"custom not found\n")
+    # the log shows the request as received, the method and URI as served (nginx's way)
+    wait_for(lambda: "|" in _read(lb.path("logs/access.log")), timeout=5)
+    assert _read(lb.path("logs/access.log")).splitlines()[0] == \
+        "POST /inherit/x HTTP/1.1|GET|/404.html|404"
     r = http_request(port, "/own/x")  # its own error_page list replaces the server's
     assert r.status == 404 and _builtin(r)
     r = http_request(port, "/twice/x")  # the page is missing too: built-in, no second redirect
@@ -293,3 +301,7 @@ def test_unreadable_file_is_403(forklb_factory):
         assert f'open() "{site}/closed.txt" failed (13: Permission denied)' in lb.error_log()
     finally:
         shutil.rmtree(site, ignore_errors=True)
+
+
+def _read(path: Path) -> str:
+    return path.read_text() if path.exists() else ""

@@ -49,6 +49,7 @@ class Exchange:
         "upstream_status", "upstream_response_time", "content_length", "chunked",
         "header_bytes", "header_bytes_read", "header_deadline",
         "redirects", "err_status", "error_paged",  # internal redirects, error_page
+        "request_method_b",  # the method as received, once error_page turned it into GET
     )
 
     def __init__(self, conn: ClientConnection):
@@ -83,6 +84,7 @@ class Exchange:
         self.redirects = 0  # internal redirects so far (index, try_files, error_page)
         self.err_status = 0  # error_page: the status a page is served with (0: its own)
         self.error_paged = False  # an error page was looked up: no second one
+        self.request_method_b = b""
 
     # -- the $variable interface (see forklb.http.variables) --
     @property
@@ -99,7 +101,8 @@ class Exchange:
 
     @property
     def request_line(self) -> str:
-        return f"{self.method} {self.target} HTTP/{self.version}"
+        method = (self.request_method_b or self.method_b).decode("latin-1")
+        return f"{method} {self.target} HTTP/{self.version}"
 
     @property
     def remote_addr(self) -> str:

@@ -85,6 +85,7 @@ def intercept(conn: ClientConnection, ex: Exchange, status: int) -> bool:
     uri = page.uri.render(ex)
     if uri.startswith("/"):
         if ex.method_b != b"HEAD":
+            ex.request_method_b = ex.request_method_b or ex.method_b  # $request keeps it
             ex.method_b = b"GET"
         redirect(conn, ex, *split_args(uri))
     elif uri.startswith("@"):
