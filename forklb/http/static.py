@@ -364,7 +364,8 @@ def _send_not_modified(conn: ClientConnection, ex: Exchange, tag: bytes, mtime: 
 def _send_body(conn: ClientConnection, head: bytes, fd: int, offset: int, count: int,
                use_sendfile: bool) -> int:
     """Send ``head`` then ``count`` bytes of ``fd`` from ``offset``; returns body bytes sent."""
-    if count <= SMALL_FILE or not use_sendfile:
+    # sendfile writes the raw descriptor: never on a TLS socket (it has "cipher")
+    if count <= SMALL_FILE or not use_sendfile or hasattr(conn.sock, "cipher"):
         data = os.pread(fd, min(count, READ_CHUNK), offset)
         conn.send(head + data)
         sent = len(data)
