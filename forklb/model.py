@@ -152,6 +152,35 @@ class Location:
     keepalive_requests: int = 1000  # requests on one client connection, then close
     file: str = ""
     line: int = 0
+    # static files and error pages
+    alias: str | None = None  # replaces the matched prefix (the whole URI in a regex location)
+    try_files: TryFiles | None = None
+    error_pages: Mapping[int, ErrorPage] = field(default_factory=dict, compare=False)
+    sendfile: bool = True
+    proxy_intercept_errors: bool = False  # upstream statuses with an error_page get the page
+    mime_types: Mapping[str, str] | None = field(default=None, compare=False)  # None: http's
+
+    @property
+    def named(self) -> bool:
+        """A ``location @name`` block, reached only by try_files or error_page."""
+        return self.pattern.startswith("@")
+
+
+@dataclass(frozen=True, slots=True)
+class TryFiles:
+    """``try_files``: the names tested in order, then the fallback."""
+
+    tries: tuple[tuple[Template, bool], ...]  # (name, test for a directory rather than a file)
+    fallback: Template | None  # URI or @name for an internal redirect; None with ``code``
+    code: int | None = None  # ``=CODE``: finish with this status
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorPage:
+    """One code of an ``error_page`` directive."""
+
+    uri: Template  # /URI, @name, or a URL (answered with a redirect)
+    overwrite: int = -1  # -1: keep the error's code; 0: the page's own; N: answer N
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,6 +192,7 @@ class Server:
     client_header_timeout: float = 60.0  # deadline for a whole request header
     file: str = ""
     line: int = 0
+    named: Mapping[str, Location] = field(default_factory=dict, compare=False)  # "@name"
 
 
 @dataclass(frozen=True, slots=True)

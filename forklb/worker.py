@@ -57,7 +57,7 @@ class LocationRuntime:
 
     __slots__ = ("handler", "group", "proxy_uri", "proxy_host", "set_headers", "overridden",
                  "sets_host", "connect_timeout", "read_timeout", "send_timeout", "mime_types",
-                 "hidden", "passed")
+                 "hidden", "passed", "doc_root", "alias_len")
 
     def __init__(self, loc: Location, groups: dict, mime_types: dict[str, str]):
         from forklb.http.protocol import FRAMING_RESPONSE, HIDDEN_BY_DEFAULT
@@ -97,6 +97,21 @@ class LocationRuntime:
             self.group = None
             self.proxy_uri = None
             self.proxy_host = ""
+        self._static_files(loc)
+
+    def _static_files(self, loc: Location) -> None:
+        """Where the location's files are, and try_files in front of its handler."""
+        from forklb.http.static import REGEX_ALIAS, with_try_files
+
+        if loc.mime_types is not None:  # types written in the server or location
+            self.mime_types = loc.mime_types
+        self.doc_root = loc.root if loc.alias is None else loc.alias
+        if loc.alias is None:
+            self.alias_len = None
+        else:
+            self.alias_len = REGEX_ALIAS if loc.regex is not None else len(loc.pattern)
+        if loc.try_files is not None and loc.return_ is None:  # return runs before it
+            self.handler = with_try_files(self.handler)
 
 
 class Worker:
@@ -151,6 +166,7 @@ class Worker:
         import gevent.socket  # noqa: F401
 
         import forklb.http.connection  # noqa: F401
+        import forklb.http.internal  # noqa: F401
         import forklb.http.proxy  # noqa: F401
         import forklb.http.returns  # noqa: F401
         import forklb.http.static  # noqa: F401

@@ -116,6 +116,13 @@ TABLE: tuple[Spec, ...] = (
     _spec("proxy_connect_timeout", _HTTP_LEVELS, 1, check="time(default=60s)", inherit=True),
     _spec("proxy_read_timeout", _HTTP_LEVELS, 1, check="time(default=60s)", inherit=True),
     _spec("proxy_send_timeout", _HTTP_LEVELS, 1, check="time(default=60s)", inherit=True),
+    # static files and error pages (ngx_http_core_module, ngx_http_try_files_module)
+    _spec("alias", [LOCATION], 1, check="string(default=None)"),
+    _spec("try_files", [SERVER, LOCATION], (2, ANY), check="try_files(default=None)"),
+    _spec("error_page", _HTTP_LEVELS, (2, ANY), check="error_page()", multiple=True,
+          inherit=True),
+    _spec("sendfile", _HTTP_LEVELS, 1, check="flag(default=on)", inherit=True),
+    _spec("proxy_intercept_errors", _HTTP_LEVELS, 1, check="flag(default=off)", inherit=True),
 )
 
 # "include" is expanded by the parser in every context; it is listed so the
@@ -556,6 +563,41 @@ def _size(value):
         raise DirectiveError('"{directive}" directive invalid value') from None
 
 
+def _try_files(value):
+    """``try_files FILE... URI|=CODE``: the list as written; ``=CODE`` is checked here."""
+    last = value[-1]
+    if last.startswith("="):
+        code = last[1:]
+        if not _DIGITS.fullmatch(code) or int(code) > 999:
+            raise DirectiveError(f'invalid code "{last}"')
+    return list(value)
+
+
+def _error_page(value):
+    """``error_page CODE... [=[RESPONSE]] URI`` -> (codes, overwrite, uri).
+
+    ``overwrite`` is nginx's: -1 keeps the error's code, 0 (a bare ``=``) takes
+    the code of the page's own response, N answers with N.
+    """
+    *rest, uri = value
+    overwrite = -1
+    if rest[-1].startswith("="):
+        if len(rest) == 1:
+            raise DirectiveError(f'invalid value "{rest[-1]}"')
+        digits = rest.pop()[1:]
+        if digits and not _DIGITS.fullmatch(digits):
+            raise DirectiveError(f'invalid value "={digits}"')
+        overwrite = int(digits) if digits else 0
+    codes = []
+    for code in rest:
+        if not _DIGITS.fullmatch(code) or int(code) == 499:
+            raise DirectiveError(f'invalid value "{code}"')
+        if not 300 <= int(code) <= 599:
+            raise DirectiveError(f'value "{code}" must be between 300 and 599')
+        codes.append(int(code))
+    return (tuple(codes), overwrite, uri)
+
+
 def _occurrences(validator: Validator):
     """``each("check")``: validate every occurrence of a multiple directive."""
 
@@ -584,7 +626,8 @@ def make_validator() -> Validator:
         "size": _size, "number": _number, "count": _count, "user": _user,
         "cpu_affinity": _cpu_affinity, "hash_method": _hash_method,
         "health_check": _health_check, "cidr": _cidr, "return_action": _return_action,
-        "random_method": _random_method,
+        "random_method": _random_method, "try_files": _try_files,
+        "error_page": _error_page,
     })
     v.functions["each"] = _occurrences(v)
     return v

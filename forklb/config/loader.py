@@ -35,6 +35,7 @@ from forklb.model import (
     AccessLog,
     Balancing,
     Config,
+    ErrorPage,
     HealthCheck,
     Http,
     Listen,
@@ -44,6 +45,7 @@ from forklb.model import (
     ProxyPass,
     Server,
     Sidecar,
+    TryFiles,
     Upstream,
     UpstreamServer,
     show_address,
@@ -361,8 +363,15 @@ class _Builder:
             # A server-level return runs before any location is looked up.
             ret = self._return(values["return"], b.where["return"][0])
             locations = [dataclasses.replace(loc, return_=ret) for loc in locations]
+        # types: a level with its own types blocks replaces its parent's map whole.
+        server_types = _types(b)
+        locations = [dataclasses.replace(loc, mime_types=types or server_types)
+                     for loc, types in zip(locations, [_types(lb) for _ld, lb in
+                                                       b.blocks("location")] + [None],
+                                           strict=True)]
+        named = {loc.pattern: loc for loc in locations if loc.named}
         return Server(listens, names, tuple(locations), values["keepalive_timeout"],
-                      values["client_header_timeout"], d.file, d.line)
+                      values["client_header_timeout"], d.file, d.line, named)
 
     def _return(self, value: tuple[int, str | None], d: Directive) -> tuple:
         code, text = value
@@ -454,7 +463,51 @@ class _Builder:
             proxy_pass_header=tuple(h.lower() for h in values["proxy_pass_header"]),
             file=d.file,
             line=d.line,
+            **self._static_settings(pattern, b, values, where),
         )
+
+    def _static_settings(self, pattern: str, b: Block | None, values: dict[str, Any],
+                         where: Where) -> dict[str, Any]:
+        """alias, try_files, error_page and sendfile of one location (or server level)."""
+        alias = None
+        if b is not None and "alias" in b.explicit:
+            ad = b.where["alias"][0]
+            rd = b.where.get("root", [None])[0]
+            if rd is not None:
+                later, first = (ad, "root") if rd.line <= ad.line else (rd, "alias")
+                raise _fail(f'"{later.name}" directive is duplicate, "{first}" directive was '
+                            "specified earlier", later)
+            if pattern.startswith("@"):
+                raise _fail('the "alias" directive cannot be used inside the named location', ad)
+            alias = self.abs(values["alias"])
+            if values["alias"].endswith("/") and not alias.endswith("/"):
+                alias += "/"  # abs() normalises; the slash is part of what replaces the prefix
+        try_files = None
+        if b is not None and "try_files" in b.explicit:
+            try_files = self._try_files(values["try_files"], b.where["try_files"][0])
+        elif b is None and values.get("try_files") is not None:
+            try_files = self._try_files(values["try_files"], where["try_files"][0])
+        return {"alias": alias, "try_files": try_files, "sendfile": values["sendfile"],
+                "proxy_intercept_errors": values["proxy_intercept_errors"],
+                "error_pages": self._error_pages(values["error_page"],
+                                                 where.get("error_page", []))}
+
+    def _try_files(self, names: list[str], d: Directive) -> TryFiles:
+        *tries, last = names
+        compiled = tuple((self._template(n[:-1] if n.endswith("/") else n, d), n.endswith("/"))
+                         for n in tries)
+        if last.startswith("="):
+            return TryFiles(compiled, None, int(last[1:]))
+        return TryFiles(compiled, self._template(last, d))
+
+    def _error_pages(self, entries: list[tuple], where: list[Directive]) -> dict[int, ErrorPage]:
+        """code -> page; the first directive naming a code wins, as nginx's lookup."""
+        pages: dict[int, ErrorPage] = {}
+        for ed, (codes, overwrite, uri) in zip(where, entries, strict=True):
+            page = ErrorPage(self._template(uri, ed), overwrite)
+            for code in codes:
+                pages.setdefault(code, page)
+        return pages
 
     def _headers(self, pairs: list[list[str]],
                  where: list[Directive]) -> tuple[tuple[str, Template], ...]:
@@ -512,3 +565,14 @@ def _access_rules(d: Directive, block: Block) -> tuple:
     values = {"allow": iter(block.values["allow"]), "deny": iter(block.values["deny"])}
     return tuple((dd.name == "allow", next(values[dd.name]))
                  for dd in d.children or () if dd.name in values)
+
+
+def _types(block: Block) -> MappingProxyType | None:
+    """The MIME map of ``block``'s own ``types`` blocks, or None when it has none."""
+    blocks = block.blocks("types")
+    if not blocks:
+        return None
+    mime: dict[str, str] = {}
+    for _d, t in blocks:
+        mime.update(t.mime_types)
+    return MappingProxyType(mime)

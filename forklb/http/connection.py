@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 import httptools
 
-from forklb.http import protocol
+from forklb.http import internal, protocol
 from forklb.http.routing import BadPath, normalize_path, split_host
 from forklb.http.validate import ChunkScanner, Invalid, header_name_allowed, transfer_coding
 from forklb.model import access_allows
@@ -49,6 +49,8 @@ class Exchange:
         "host", "uri", "args", "path", "server", "location", "proxy_host", "upstream_addr",
         "upstream_status", "upstream_response_time", "content_length", "chunked",
         "header_bytes", "header_bytes_read", "header_deadline",
+        "redirects", "err_status", "error_paged",  # internal redirects, error_page
+        "request_method_b",  # the method as received, once error_page turned it into GET
     )
 
     def __init__(self, conn: ClientConnection):
@@ -80,6 +82,10 @@ class Exchange:
         self.header_bytes = 0
         self.header_bytes_read = 0
         self.header_deadline = 0.0
+        self.redirects = 0  # internal redirects so far (index, try_files, error_page)
+        self.err_status = 0  # error_page: the status a page is served with (0: its own)
+        self.error_paged = False  # an error page was looked up: no second one
+        self.request_method_b = b""
 
     # -- the $variable interface (see forklb.http.variables) --
     @property
@@ -96,7 +102,8 @@ class Exchange:
 
     @property
     def request_line(self) -> str:
-        return f"{self.method} {self.target} HTTP/{self.version}"
+        method = (self.request_method_b or self.method_b).decode("latin-1")
+        return f"{method} {self.target} HTTP/{self.version}"
 
     @property
     def remote_addr(self) -> str:
@@ -364,6 +371,9 @@ class ClientConnection:
     def respond_simple(self, ex: Exchange, status: int, body: bytes | None = None,
                        content_type: bytes = b"text/html",
                        extra: tuple[tuple[bytes, bytes], ...] = ()) -> None:
+        if (body is None and ex.location is not None and ex.location.error_pages
+                and not ex.error_paged and internal.intercept(self, ex, status)):
+            return
         keep = self.keep_alive_after(ex)
         data = protocol.simple_response(status, self.worker.date.now(), body, content_type,
                                         keep_alive=keep, extra=extra,

@@ -151,6 +151,9 @@ def upstream_uri(ex: Exchange, rt: LocationRuntime) -> bytes:
     """nginx's URI rewrite: with a URI part in proxy_pass the location prefix is replaced."""
     part = rt.proxy_uri
     if part is None:
+        if ex.redirects:  # after an internal redirect: the new URI, as nginx
+            uri = _quote_path(ex.uri.encode("utf-8", "surrogateescape"))
+            return uri + b"?" + ex.args.encode("latin-1") if ex.args else uri
         return ex.target_raw
     loc = ex.location
     if loc.modifier == "=":
@@ -299,13 +302,21 @@ def _attempt(conn: ClientConnection, ex: Exchange, rt: LocationRuntime, sock: so
 
 def _relay_response(conn: ClientConnection, ex: Exchange, rt: LocationRuntime,
                     sock: socket.socket, resp: ResponseHead) -> bool:
-    status = resp.status
+    if ex.location.proxy_intercept_errors and resp.status >= 300 and not ex.error_paged \
+            and resp.status in ex.location.error_pages:
+        # proxy_intercept_errors: the page replaces the upstream's answer, whose
+        # connection is dropped rather than drained
+        ex.upstream_status = str(resp.status)
+        conn.respond_simple(ex, resp.status)
+        return False
+    status = ex.err_status or resp.status  # an error page keeps the error's status
     ex.status = status
     ex.upstream_status = str(status)
     no_body = ex.method_b == b"HEAD" or status in (204, 304)
     content_length = None
     chunked_upstream = False
-    out = [b"HTTP/1.1 %d %s\r\n" % (status, resp.reason or protocol.reason(status))]
+    reason = resp.reason if status == resp.status else b""
+    out = [b"HTTP/1.1 %d %s\r\n" % (status, reason or protocol.reason(status))]
     hidden = rt.hidden
     listed: frozenset[bytes] = frozenset()
     relayed_own: set[bytes] = set()  # Server/Date from upstream (proxy_pass_header)
