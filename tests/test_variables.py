@@ -32,7 +32,7 @@ class FakeRequest:
             server_name="example.org", proxy_host="backend:9000", status=200,
             body_bytes_sent=1234, bytes_sent=1500, upstream_addr="127.0.0.1:9000",
             upstream_status="200", upstream_response_time="0.012", start_time=0.0, pid=4242,
-            connection_id=7, connection_requests=3,
+            connection_id=7, connection_requests=3, scheme="http", https="",
         )
         defaults.update(attrs)
         for name, value in defaults.items():
@@ -259,6 +259,7 @@ def test_proxy_add_x_forwarded_for_with_a_chain() -> None:
         ("args", "b=1"),
         ("query_string", "b=1"),
         ("scheme", "http"),
+        ("https", ""),
         ("server_protocol", "HTTP/1.1"),
         ("server_port", "8080"),
         ("server_addr", "0.0.0.0"),

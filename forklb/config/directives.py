@@ -116,6 +116,17 @@ TABLE: tuple[Spec, ...] = (
     _spec("proxy_connect_timeout", _HTTP_LEVELS, 1, check="time(default=60s)", inherit=True),
     _spec("proxy_read_timeout", _HTTP_LEVELS, 1, check="time(default=60s)", inherit=True),
     _spec("proxy_send_timeout", _HTTP_LEVELS, 1, check="time(default=60s)", inherit=True),
+    # TLS termination (ngx_http_ssl_module).  Several certificate/key pairs may be
+    # given (e.g. RSA and ECDSA); the n-th key goes with the n-th certificate.
+    _spec("ssl_certificate", [HTTP, SERVER], 1, check="string()", multiple=True, inherit=True),
+    _spec("ssl_certificate_key", [HTTP, SERVER], 1, check="string()", multiple=True,
+          inherit=True),
+    _spec("ssl_protocols", [HTTP, SERVER], (1, ANY),
+          check="ssl_protocols(default=list('TLSv1.2', 'TLSv1.3'))", inherit=True),
+    _spec("ssl_ciphers", [HTTP, SERVER], 1, check='string(default="HIGH:!aNULL:!MD5")',
+          inherit=True),
+    _spec("ssl_prefer_server_ciphers", [HTTP, SERVER], 1, check="flag(default=off)",
+          inherit=True),
 )
 
 # "include" is expanded by the parser in every context; it is listed so the
@@ -498,15 +509,17 @@ def _listen(value):
         except ValueError:
             raise DirectiveError(f'host not found in "{address}" of the "listen" directive'
                                  ) from None
-    default_server, backlog = False, 511
+    default_server, backlog, ssl = False, 511, False
     for param in params:
         if param in ("default_server", "default"):
             default_server = True
+        elif param == "ssl":
+            ssl = True
         elif param.startswith("backlog="):
             backlog = _backlog(param)
         else:
             raise DirectiveError(f'invalid parameter "{param}"')
-    return (host, port, default_server, backlog)
+    return (host, port, default_server, backlog, ssl)
 
 
 def _backlog(param: str) -> int:
@@ -514,6 +527,20 @@ def _backlog(param: str) -> int:
     if not _DIGITS.fullmatch(number) or int(number) == 0:
         raise DirectiveError(f'invalid backlog "{param}"')
     return int(number)
+
+
+# ssl_protocols names as nginx spells them.  SSLv2/SSLv3 are accepted, as nginx
+# does, but OpenSSL 3 cannot speak them, so they enable nothing.
+SSL_PROTOCOLS = ("SSLv2", "SSLv3", "TLSv1", "TLSv1.1", "TLSv1.2", "TLSv1.3")
+
+
+def _ssl_protocols(value):
+    """``ssl_protocols NAME...`` -> the names in nginx's order, without repeats."""
+    value = [value] if isinstance(value, str) else value
+    for name in value:
+        if name not in SSL_PROTOCOLS:
+            raise DirectiveError(f'invalid value "{name}"')
+    return tuple(p for p in SSL_PROTOCOLS if p in value)
 
 
 _MODIFIERS = ("=", "^~", "~", "~*")
@@ -584,7 +611,7 @@ def make_validator() -> Validator:
         "size": _size, "number": _number, "count": _count, "user": _user,
         "cpu_affinity": _cpu_affinity, "hash_method": _hash_method,
         "health_check": _health_check, "cidr": _cidr, "return_action": _return_action,
-        "random_method": _random_method,
+        "random_method": _random_method, "ssl_protocols": _ssl_protocols,
     })
     v.functions["each"] = _occurrences(v)
     return v

@@ -106,6 +106,15 @@ class Exchange:
         return self.conn.remote_port
 
     @property
+    def scheme(self) -> str:
+        return self.conn.scheme
+
+    @property
+    def https(self) -> str:
+        """``$https``: "on" on a TLS connection."""
+        return "on" if self.conn.scheme == "https" else ""
+
+    @property
     def server_port(self) -> int:
         return self.conn.listener.port
 
@@ -144,6 +153,7 @@ class ClientConnection:
     """Serves the requests of one accepted client socket."""
 
     serial_counter = 0
+    scheme = "http"  # "https" for forklb.http.tls.TlsConnection
 
     def __init__(self, worker: Worker, listener: Listener, sock: socket.socket,
                  address: tuple):
