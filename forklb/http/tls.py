@@ -167,8 +167,9 @@ class TlsFront:
         try:
             first = sock.recv(1, socket.MSG_PEEK)
         except OSError:
-            return None, None
-        if not first:
+            first = b""
+        if not first:  # gone, or silent for client_header_timeout
+            _close(sock)
             return None, None
         if not (first[0] & 0x80 or first[0] == 0x16):  # not SSLv2 or TLS: nginx's test
             return sock, PlainHttpOnTlsConnection
@@ -180,12 +181,16 @@ class TlsFront:
         except (OSError, ValueError) as e:
             # Clients going away mid-handshake are routine: info level, as nginx.
             self.log.info(f"{_handshake_error(e)} while SSL handshaking, client: {client}")
-            try:
-                sock.close()
-            except OSError:
-                pass
+            _close(sock)
             return None, None
         return tls_sock, TlsConnection
+
+
+def _close(sock: Any) -> None:
+    try:
+        sock.close()
+    except OSError:
+        pass
 
 
 def _handshake_error(e: BaseException) -> str:
