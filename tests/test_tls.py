@@ -232,6 +232,7 @@ http {{
             proxy_set_header X-Https $https;
         }}
         location = /redirect {{ return 302 /elsewhere; }}
+        location = /vars {{ return 200 "$ssl_protocol|$ssl_server_name|$ssl_cipher|$https\n"; }}
     }}
     server {{
         listen 127.0.0.1:{port} ssl;
@@ -448,3 +449,15 @@ def test_reload_with_a_bad_key_keeps_the_old_config(forklb_factory, py_backend_f
     with TlsClient(port, client_context(certs), sni="a.test") as c:
         assert c.peer_cn() == "a.test"
         assert c.get("/").status == 200
+
+
+def test_alpn_and_ssl_variables(forklb_factory, py_backend_factory, certs) -> None:
+    lb, port, plain = start_lb(forklb_factory, py_backend_factory, certs)
+    ctx = client_context(certs)
+    ctx.set_alpn_protocols(["h2", "http/1.1"])
+    with TlsClient(port, ctx, sni="a.test") as c:
+        assert c.sock.selected_alpn_protocol() == "http/1.1"  # no h2: HTTP/1.1, as nginx
+        protocol, name, cipher, https = c.get("/vars").text.rstrip("\n").split("|")
+        assert (protocol, name, cipher, https) == ("TLSv1.3", "a.test", c.sock.cipher()[0], "on")
+    with HttpClient(plain, host="a.test") as c:
+        assert c.get("/vars").text == "|||\n"

@@ -115,6 +115,20 @@ class Exchange:
         return "on" if self.conn.scheme == "https" else ""
 
     @property
+    def ssl_protocol(self) -> str:
+        """``$ssl_protocol``: e.g. TLSv1.3 ("" without TLS)."""
+        return self.conn.tls_detail("protocol")
+
+    @property
+    def ssl_cipher(self) -> str:
+        return self.conn.tls_detail("cipher")
+
+    @property
+    def ssl_server_name(self) -> str:
+        """``$ssl_server_name``: the name the client sent in SNI."""
+        return self.conn.tls_detail("server_name")
+
+    @property
     def server_port(self) -> int:
         return self.conn.listener.port
 
@@ -154,6 +168,10 @@ class ClientConnection:
 
     serial_counter = 0
     scheme = "http"  # "https" for forklb.http.tls.TlsConnection
+
+    def tls_detail(self, what: str) -> str:
+        """``$ssl_*`` values; a plain connection has none (see forklb.http.tls)."""
+        return ""
 
     def __init__(self, worker: Worker, listener: Listener, sock: socket.socket,
                  address: tuple):

@@ -44,6 +44,9 @@ _NO_FLAGS = {
     "TLSv1.2": ssl.OP_NO_TLSv1_2, "TLSv1.3": ssl.OP_NO_TLSv1_3,
 }
 
+# What nginx without http2 agrees to when the client offers ALPN.
+ALPN = ["http/1.1", "http/1.0"]
+
 PLAIN_HTTP_TITLE = b"400 The plain HTTP request was sent to HTTPS port"
 PLAIN_HTTP_PAGE = (b"<html>\r\n<head><title>" + PLAIN_HTTP_TITLE + b"</title></head>\r\n"
                    b"<body>\r\n<center><h1>400 Bad Request</h1></center>\r\n"
@@ -121,6 +124,7 @@ def build_context(tls: Tls) -> ssl.SSLContext:
             for flag in _NO_FLAGS.values():
                 ctx.options |= flag
     ctx.set_ciphers(tls.ciphers)
+    ctx.set_alpn_protocols(ALPN)
     if tls.prefer_server_ciphers:
         ctx.options |= ssl.OP_CIPHER_SERVER_PREFERENCE
     for cert, key in tls.certificates:
@@ -154,6 +158,7 @@ class TlsFront:
         """
         if not name:
             return
+        sock.sni_name = name  # for $ssl_server_name
         tls = self.vhosts.select(name.lower().rstrip(".")).tls
         if tls is not None and tls != self.default_tls:
             sock.context = self.contexts[tls]
@@ -212,6 +217,19 @@ class TlsConnection(ClientConnection):
     """
 
     scheme = "https"
+
+    def tls_detail(self, what: str) -> str:
+        """``$ssl_protocol``, ``$ssl_cipher``, ``$ssl_server_name``."""
+        sock = self.sock
+        try:
+            if what == "protocol":
+                return sock.version() or ""
+            if what == "cipher":
+                cipher = sock.cipher()
+                return cipher[0] if cipher else ""
+            return getattr(sock, "sni_name", "")
+        except (ValueError, AttributeError):  # shut down meanwhile
+            return ""
 
     def _recv(self, timeout: float) -> bytes:
         try:
