@@ -461,3 +461,50 @@ def test_alpn_and_ssl_variables(forklb_factory, py_backend_factory, certs) -> No
         assert (protocol, name, cipher, https) == ("TLSv1.3", "a.test", c.sock.cipher()[0], "on")
     with HttpClient(plain, host="a.test") as c:
         assert c.get("/vars").text == "|||\n"
+
+
+STATIC = """
+worker_processes 1;
+events {{ }}
+http {{
+    access_log off;
+    server {{
+        listen 127.0.0.1:{port} ssl;
+        ssl_certificate {cert};
+        ssl_certificate_key {key};
+        root {root};
+    }}
+}}
+"""
+
+
+def test_static_files_over_tls(forklb_factory, certs, tmp_path) -> None:
+    """Files go through the TLS socket, never sendfile() on its descriptor (nginx turns
+    sendfile off on SSL connections): a body written around TLS would be garbage."""
+    root = tmp_path / "www"
+    root.mkdir()
+    big = os.urandom(3 * 1024 * 1024 + 5)
+    (root / "big.bin").write_bytes(big)
+    (root / "small.txt").write_text("small\n")
+    port = free_port()
+    cert, key = certs["a.test"]
+    lb = forklb_factory(STATIC.format(port=port, cert=cert, key=key, root=root))
+    lb.start(wait_ports=[port], workers=1)
+    with TlsClient(port, client_context(certs), sni="a.test") as c:
+        assert c.get("/small.txt").body == b"small\n"
+        r = c.get("/big.bin")
+        assert r.status == 200 and r.body == big
+        assert c.request("HEAD", "/big.bin").header("content-length") == str(len(big))
+        assert c.get("/small.txt").body == b"small\n"  # the connection is still in step
+
+
+def test_graceful_stop_closes_idle_tls_connections(forklb_factory, py_backend_factory,
+                                                   certs) -> None:
+    lb, port, _plain = start_lb(forklb_factory, py_backend_factory, certs)
+    with TlsClient(port, client_context(certs), sni="a.test") as c:
+        assert c.get("/").status == 200
+        time.sleep(1.5)  # idle long enough to be closed at once on QUIT
+        os.kill(lb.master_pid, signal.SIGQUIT)
+        assert c.server_closed(timeout=15)
+    wait_for(lambda: not lb.running, timeout=20, message=lb.diagnostics)
+    assert "Traceback" not in lb.stderr() + lb.error_log()
