@@ -179,6 +179,10 @@ class TlsFront:
         if not (first[0] & 0x80 or first[0] == 0x16):  # not SSLv2 or TLS: nginx's test
             return sock, PlainHttpOnTlsConnection
         try:
+            # TLS writes small records (handshake flights, session tickets, then the
+            # response): without TCP_NODELAY, Nagle holds the next one for the client's
+            # delayed ACK.  nginx sets it on SSL connections too.
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             tls_sock = self.context.wrap_socket(sock, server_side=True,
                                                 do_handshake_on_connect=False)
             tls_sock.settimeout(max(deadline - self.now(), 0.001))
