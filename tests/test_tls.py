@@ -508,3 +508,19 @@ def test_graceful_stop_closes_idle_tls_connections(forklb_factory, py_backend_fa
         assert c.server_closed(timeout=15)
     wait_for(lambda: not lb.running, timeout=20, message=lb.diagnostics)
     assert "Traceback" not in lb.stderr() + lb.error_log()
+
+
+def test_reload_with_a_new_certificate_serves_it(forklb_factory, py_backend_factory,
+                                                 certs) -> None:
+    lb, port, _plain = start_lb(forklb_factory, py_backend_factory, certs)
+    old = lb.worker_pids()
+    (a_cert, a_key), (b_cert, b_key) = certs["a.test"], certs["b.test"]
+    text = lb.conf_path.read_text()
+    text = text.replace(f"ssl_certificate {a_cert};", f"ssl_certificate {b_cert};", 1)
+    lb.write_conf(text.replace(f"ssl_certificate_key {a_key};",
+                               f"ssl_certificate_key {b_key};", 1))
+    assert lb.cli("-s", "reload").returncode == 0
+    lb.wait_workers_replaced(old, 1)
+    with TlsClient(port, client_context(certs), sni="a.test") as c:
+        assert c.peer_cn() == "b.test"
+        assert c.get("/").status == 200
