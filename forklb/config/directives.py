@@ -98,6 +98,17 @@ TABLE: tuple[Spec, ...] = (
     _spec("hash", [UPSTREAM], (1, 2), check="hash_method(default=None)"),
     _spec("random", [UPSTREAM], (0, 2), check="random_method(default=None)"),
     _spec("health_check", [UPSTREAM], (0, ANY), check="health_check(default=None)"),
+    # TLS termination (ngx_http_ssl_module).  Several certificate/key pairs may be
+    # given (e.g. RSA and ECDSA); the n-th key goes with the n-th certificate.
+    _spec("ssl_certificate", [HTTP, SERVER], 1, check="string()", multiple=True, inherit=True),
+    _spec("ssl_certificate_key", [HTTP, SERVER], 1, check="string()", multiple=True,
+          inherit=True),
+    _spec("ssl_protocols", [HTTP, SERVER], (1, ANY),
+          check="ssl_protocols(default=list('TLSv1.2', 'TLSv1.3'))", inherit=True),
+    _spec("ssl_ciphers", [HTTP, SERVER], 1, check='string(default="HIGH:!aNULL:!MD5")',
+          inherit=True),
+    _spec("ssl_prefer_server_ciphers", [HTTP, SERVER], 1, check="flag(default=off)",
+          inherit=True),
     # server
     _spec("listen", [SERVER, SIDECAR], (1, ANY), check="listen()", multiple=True),
     _spec("server_name", [SERVER], (1, ANY), check="string_list()", multiple=True),
@@ -116,17 +127,6 @@ TABLE: tuple[Spec, ...] = (
     _spec("proxy_connect_timeout", _HTTP_LEVELS, 1, check="time(default=60s)", inherit=True),
     _spec("proxy_read_timeout", _HTTP_LEVELS, 1, check="time(default=60s)", inherit=True),
     _spec("proxy_send_timeout", _HTTP_LEVELS, 1, check="time(default=60s)", inherit=True),
-    # TLS termination (ngx_http_ssl_module).  Several certificate/key pairs may be
-    # given (e.g. RSA and ECDSA); the n-th key goes with the n-th certificate.
-    _spec("ssl_certificate", [HTTP, SERVER], 1, check="string()", multiple=True, inherit=True),
-    _spec("ssl_certificate_key", [HTTP, SERVER], 1, check="string()", multiple=True,
-          inherit=True),
-    _spec("ssl_protocols", [HTTP, SERVER], (1, ANY),
-          check="ssl_protocols(default=list('TLSv1.2', 'TLSv1.3'))", inherit=True),
-    _spec("ssl_ciphers", [HTTP, SERVER], 1, check='string(default="HIGH:!aNULL:!MD5")',
-          inherit=True),
-    _spec("ssl_prefer_server_ciphers", [HTTP, SERVER], 1, check="flag(default=off)",
-          inherit=True),
 )
 
 # "include" is expanded by the parser in every context; it is listed so the
@@ -611,9 +611,10 @@ def make_validator() -> Validator:
         "size": _size, "number": _number, "count": _count, "user": _user,
         "cpu_affinity": _cpu_affinity, "hash_method": _hash_method,
         "health_check": _health_check, "cidr": _cidr, "return_action": _return_action,
-        "random_method": _random_method, "ssl_protocols": _ssl_protocols,
+        "random_method": _random_method,
     })
     v.functions["each"] = _occurrences(v)
+    v.functions["ssl_protocols"] = _ssl_protocols
     return v
 
 
