@@ -178,6 +178,7 @@ class TlsFront:
             return None, None
         if not (first[0] & 0x80 or first[0] == 0x16):  # not SSLv2 or TLS: nginx's test
             return sock, PlainHttpOnTlsConnection
+        tls_sock = None
         try:
             # TLS writes small records (handshake flights, session tickets, then the
             # response): without TCP_NODELAY, Nagle holds the next one for the client's
@@ -190,7 +191,7 @@ class TlsFront:
         except (OSError, ValueError) as e:
             # Clients going away mid-handshake are routine: info level, as nginx.
             self.log.info(f"{_handshake_error(e)} while SSL handshaking, client: {client}")
-            _close(sock)
+            _close(tls_sock if tls_sock is not None else sock)  # wrapping detached sock
             return None, None
         return tls_sock, TlsConnection
 
@@ -203,7 +204,9 @@ def _close(sock: Any) -> None:
 
 
 def _handshake_error(e: BaseException) -> str:
-    if isinstance(e, TimeoutError) or getattr(e, "errno", None) == errno.ETIMEDOUT:
+    # gevent's handshake timeout is an SSLError saying "timed out", without errno
+    if (isinstance(e, TimeoutError) or getattr(e, "errno", None) == errno.ETIMEDOUT
+            or "timed out" in str(e)):
         return "client timed out (110: Connection timed out)"
     if isinstance(e, ssl.SSLError):
         return f"SSL_do_handshake() failed {_reason(e)}"
