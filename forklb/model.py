@@ -31,6 +31,7 @@ class Listen:
     port: int
     default_server: bool = False
     backlog: int = 511
+    ssl: bool = False  # "listen ... ssl": TLS is terminated on this address
 
     @property
     def address(self) -> Address:
@@ -184,6 +185,16 @@ class ErrorPage:
 
 
 @dataclass(frozen=True, slots=True)
+class Tls:
+    """A server's ``ssl_*`` settings; the files were loaded once at config load."""
+
+    certificates: tuple[tuple[str, str], ...]  # (certificate, key) absolute paths
+    protocols: tuple[str, ...] = ("TLSv1.2", "TLSv1.3")
+    ciphers: str = "HIGH:!aNULL:!MD5"
+    prefer_server_ciphers: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class Server:
     listens: tuple[Listen, ...]
     names: tuple[str, ...]
@@ -193,6 +204,7 @@ class Server:
     file: str = ""
     line: int = 0
     named: Mapping[str, Location] = field(default_factory=dict, compare=False)  # "@name"
+    tls: Tls | None = None  # None: no ssl_certificate for this server
 
 
 @dataclass(frozen=True, slots=True)
@@ -271,6 +283,12 @@ class Config:
     prefix: str
     files: tuple[str, ...]  # every file read, main first (for -T)
     sidecar: Sidecar | None = None
+
+    def ssl_addresses(self) -> frozenset[Address]:
+        """Addresses where TLS is terminated: any server's ``listen ... ssl`` makes
+        the whole address ssl, as in nginx."""
+        return frozenset(lst.address for server in self.http.servers
+                         for lst in server.listens if lst.ssl)
 
     def listen_addresses(self) -> tuple[Listen, ...]:
         """One :class:`Listen` per distinct address, first declaration wins."""

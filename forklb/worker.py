@@ -50,6 +50,7 @@ class Listener:
     keepalive_timeout: float
     fallback: Location  # used for access-logging requests rejected before routing
     client_header_timeout: float = 60.0  # the default server's: Host is not known yet
+    tls: Any = None  # forklb.http.tls.TlsFront on an ssl address
 
 
 class LocationRuntime:
@@ -170,6 +171,7 @@ class Worker:
         import forklb.http.proxy  # noqa: F401
         import forklb.http.returns  # noqa: F401
         import forklb.http.static  # noqa: F401
+        import forklb.http.tls  # noqa: F401
 
         self.now = gevent.get_hub().loop.now  # the loop's cached clock: no syscall
         gevent.signal_handler(signal.SIGQUIT, self.graceful_stop)
@@ -232,6 +234,23 @@ class Worker:
                 listen.host, listen.port, vhosts, default.keepalive_timeout, default.locations[-1],
                 default.client_header_timeout,
             )
+        self._build_tls()
+
+    def _build_tls(self) -> None:
+        """One SSLContext per distinct server setting, one TlsFront per ssl address;
+        before dropping root, so keys readable by root only still load."""
+        ssl_addresses = self.config.ssl_addresses()
+        if not ssl_addresses:
+            return
+        from forklb.http.tls import TlsFront, build_context
+
+        settings = {s.tls for s in self.config.http.servers if s.tls is not None
+                    and any(lst.address in ssl_addresses for lst in s.listens)}
+        contexts = {tls: build_context(tls) for tls in settings}
+        for address in ssl_addresses:
+            listener = self.listeners[address]
+            listener.tls = TlsFront(listener.vhosts, contexts, self.log,
+                                    listener.client_header_timeout, self.now)
 
     def _serve(self) -> None:
         import gevent
@@ -262,9 +281,15 @@ class Worker:
         from forklb.http.connection import ClientConnection
 
         connections = self.connections
+        tls = listener.tls
 
         def handle(sock, address):
-            conn = ClientConnection(self, listener, sock, address)
+            cls = ClientConnection
+            if tls is not None:
+                sock, cls = tls.accept(sock, address)  # handshake in this greenlet
+                if sock is None:
+                    return
+            conn = cls(self, listener, sock, address)
             connections.add(conn)
             try:
                 conn.serve()

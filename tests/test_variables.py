@@ -32,7 +32,9 @@ class FakeRequest:
             server_name="example.org", proxy_host="backend:9000", status=200,
             body_bytes_sent=1234, bytes_sent=1500, upstream_addr="127.0.0.1:9000",
             upstream_status="200", upstream_response_time="0.012", start_time=0.0, pid=4242,
-            connection_id=7, connection_requests=3,
+            connection_id=7, connection_requests=3, scheme="http", https="",
+            ssl_protocol="TLSv1.3", ssl_cipher="TLS_AES_256_GCM_SHA384",
+            ssl_server_name="example.org",
         )
         defaults.update(attrs)
         for name, value in defaults.items():
@@ -259,6 +261,10 @@ def test_proxy_add_x_forwarded_for_with_a_chain() -> None:
         ("args", "b=1"),
         ("query_string", "b=1"),
         ("scheme", "http"),
+        ("https", ""),
+        ("ssl_protocol", "TLSv1.3"),
+        ("ssl_cipher", "TLS_AES_256_GCM_SHA384"),
+        ("ssl_server_name", "example.org"),
         ("server_protocol", "HTTP/1.1"),
         ("server_port", "8080"),
         ("server_addr", "0.0.0.0"),

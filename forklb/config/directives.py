@@ -98,6 +98,17 @@ TABLE: tuple[Spec, ...] = (
     _spec("hash", [UPSTREAM], (1, 2), check="hash_method(default=None)"),
     _spec("random", [UPSTREAM], (0, 2), check="random_method(default=None)"),
     _spec("health_check", [UPSTREAM], (0, ANY), check="health_check(default=None)"),
+    # TLS termination (ngx_http_ssl_module).  Several certificate/key pairs may be
+    # given (e.g. RSA and ECDSA); the n-th key goes with the n-th certificate.
+    _spec("ssl_certificate", [HTTP, SERVER], 1, check="string()", multiple=True, inherit=True),
+    _spec("ssl_certificate_key", [HTTP, SERVER], 1, check="string()", multiple=True,
+          inherit=True),
+    _spec("ssl_protocols", [HTTP, SERVER], (1, ANY),
+          check="ssl_protocols(default=list('TLSv1.2', 'TLSv1.3'))", inherit=True),
+    _spec("ssl_ciphers", [HTTP, SERVER], 1, check='string(default="HIGH:!aNULL:!MD5")',
+          inherit=True),
+    _spec("ssl_prefer_server_ciphers", [HTTP, SERVER], 1, check="flag(default=off)",
+          inherit=True),
     # server
     _spec("listen", [SERVER, SIDECAR], (1, ANY), check="listen()", multiple=True),
     _spec("server_name", [SERVER], (1, ANY), check="string_list()", multiple=True),
@@ -505,15 +516,17 @@ def _listen(value):
         except ValueError:
             raise DirectiveError(f'host not found in "{address}" of the "listen" directive'
                                  ) from None
-    default_server, backlog = False, 511
+    default_server, backlog, ssl = False, 511, False
     for param in params:
         if param in ("default_server", "default"):
             default_server = True
+        elif param == "ssl":
+            ssl = True
         elif param.startswith("backlog="):
             backlog = _backlog(param)
         else:
             raise DirectiveError(f'invalid parameter "{param}"')
-    return (host, port, default_server, backlog)
+    return (host, port, default_server, backlog, ssl)
 
 
 def _backlog(param: str) -> int:
@@ -521,6 +534,20 @@ def _backlog(param: str) -> int:
     if not _DIGITS.fullmatch(number) or int(number) == 0:
         raise DirectiveError(f'invalid backlog "{param}"')
     return int(number)
+
+
+# ssl_protocols names as nginx spells them.  SSLv2/SSLv3 are accepted, as nginx
+# does, but OpenSSL 3 cannot speak them, so they enable nothing.
+SSL_PROTOCOLS = ("SSLv2", "SSLv3", "TLSv1", "TLSv1.1", "TLSv1.2", "TLSv1.3")
+
+
+def _ssl_protocols(value):
+    """``ssl_protocols NAME...`` -> the names in nginx's order, without repeats."""
+    value = [value] if isinstance(value, str) else value
+    for name in value:
+        if name not in SSL_PROTOCOLS:
+            raise DirectiveError(f'invalid value "{name}"')
+    return tuple(p for p in SSL_PROTOCOLS if p in value)
 
 
 _MODIFIERS = ("=", "^~", "~", "~*")
@@ -630,6 +657,7 @@ def make_validator() -> Validator:
         "error_page": _error_page,
     })
     v.functions["each"] = _occurrences(v)
+    v.functions["ssl_protocols"] = _ssl_protocols
     return v
 
 

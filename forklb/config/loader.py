@@ -28,6 +28,7 @@ from configobj import ConfigObj, flatten_errors
 from forklb.config import directives as D
 from forklb.config.errors import ConfigError
 from forklb.config.parser import Directive, Parser
+from forklb.http import tls as tls_files
 from forklb.http.variables import Template, UnknownVariable, compile_template
 from forklb.model import (
     DEFAULT_SIDECAR_LISTEN,
@@ -45,6 +46,7 @@ from forklb.model import (
     ProxyPass,
     Server,
     Sidecar,
+    Tls,
     TryFiles,
     Upstream,
     UpstreamServer,
@@ -193,6 +195,9 @@ class _Builder:
         self.upstream_names: dict[str, str] = {}  # lower-case name -> name as declared
         self.default_listens: set[tuple[str, int]] = set()  # addresses with a default server
         self.listen_options: set[tuple[str, int]] = set()  # addresses given a backlog=
+        self.tls_loaded: set[Tls] = set()  # ssl settings whose files loaded fine
+        full = path if os.path.isabs(path) else os.path.join(prefix, path)
+        self.conf_dir = os.path.dirname(full)  # nginx's conf prefix: ssl_* files resolve here
 
     def abs(self, path: str) -> str:
         if path == "stderr" or os.path.isabs(path):
@@ -247,6 +252,7 @@ class _Builder:
         self.http_access = _access_rules(blocks[0][0], http)
         servers = tuple(self.server(d, b, http.values, http.where)
                         for d, b in http.blocks("server"))
+        _check_ssl_listens(servers)
         return Http(servers, MappingProxyType(dict(self.upstreams)), MappingProxyType(mime),
                     http.values["default_type"])
 
@@ -255,7 +261,11 @@ class _Builder:
         if not blocks:
             return None
         d, block = blocks[0]
-        listens = tuple(Listen(h, p, ds, bl) for h, p, ds, bl in block.values["listen"])
+        for ld, (*_address, ssl) in zip(block.where.get("listen", []), block.values["listen"],
+                                        strict=True):
+            if ssl:
+                raise _fail('the sidecar does not support the "ssl" parameter', ld)
+        listens = tuple(Listen(h, p, ds, bl) for h, p, ds, bl, _ssl in block.values["listen"])
         listens = listens or (DEFAULT_SIDECAR_LISTEN,)
         taken = {lst.address for server in http.servers for lst in server.listens}
         for listen in listens:
@@ -371,7 +381,39 @@ class _Builder:
                                            strict=True)]
         named = {loc.pattern: loc for loc in locations if loc.named}
         return Server(listens, names, tuple(locations), values["keepalive_timeout"],
-                      values["client_header_timeout"], d.file, d.line, named)
+                      values["client_header_timeout"], d.file, d.line, named,
+                      tls=self._tls(values, where, d))
+
+    def _tls(self, values: dict[str, Any], where: Where, d: Directive) -> Tls | None:
+        """The server's ssl_* settings; the certificate and key files are loaded now
+        (as nginx does, with or without an ssl listen), so -t and reload refuse bad ones."""
+        certs, keys = values["ssl_certificate"], values["ssl_certificate_key"]
+        if not certs:
+            return None
+        written = {name: where.get(name) or [d] for name in
+                   ("ssl_certificate", "ssl_certificate_key", "ssl_ciphers")}
+        for i, cert in enumerate(certs):
+            if i >= len(keys):
+                cd = written["ssl_certificate"][min(i, len(written["ssl_certificate"]) - 1)]
+                raise _fail(f'no "ssl_certificate_key" is defined for certificate "{cert}"', cd)
+        pairs = tuple((self.conf_file(c), self.conf_file(k))
+                      for c, k in zip(certs, keys[:len(certs)], strict=True))
+        tls = Tls(pairs, tuple(values["ssl_protocols"]), values["ssl_ciphers"],
+                  values["ssl_prefer_server_ciphers"])
+        if tls not in self.tls_loaded:
+            problem = tls_files.load_problem(tls)
+            if problem is not None:
+                message, name, index = problem
+                occurrences = written[name]
+                raise _fail(message, occurrences[min(index, len(occurrences) - 1)])
+            self.tls_loaded.add(tls)
+        return tls
+
+    def conf_file(self, path: str) -> str:
+        """A file named in the config (ssl_certificate...), relative to the config's
+        directory as nginx's conf prefix."""
+        return path if os.path.isabs(path) else os.path.normpath(os.path.join(self.conf_dir,
+                                                                              path))
 
     def _return(self, value: tuple[int, str | None], d: Directive) -> tuple:
         code, text = value
@@ -382,8 +424,8 @@ class _Builder:
         if not entries:
             return (Listen("0.0.0.0", 80),)
         listens: list[Listen] = []
-        for ld, (host, port, default_server, backlog) in zip(where, entries, strict=True):
-            listen = Listen(host, port, default_server, backlog)
+        for ld, (host, port, default_server, backlog, ssl) in zip(where, entries, strict=True):
+            listen = Listen(host, port, default_server, backlog, ssl)
             shown = show_address(host, port)
             if any(other.address == listen.address for other in listens):
                 raise _fail(f"a duplicate listen {shown}", ld)
@@ -558,6 +600,18 @@ def build(root: Block, path: str, prefix: str, files: tuple[str, ...]) -> Config
     http = b.http()
     return Config(main=main, http=http, path=path, prefix=prefix, files=files,
                   sidecar=b.sidecar(http))
+
+
+def _check_ssl_listens(servers: tuple[Server, ...]) -> None:
+    """Each ssl address's default server needs a certificate (``ngx_http_ssl_init``);
+    the others fall back to it when they have none."""
+    ssl_addresses = {lst.address for s in servers for lst in s.listens if lst.ssl}
+    for address in sorted(ssl_addresses):
+        members = [(s, lst) for s in servers for lst in s.listens if lst.address == address]
+        default = next((s for s, lst in members if lst.default_server), members[0][0])
+        if default.tls is None:
+            raise ConfigError('no "ssl_certificate" is defined for the "listen ... ssl" '
+                              "directive", default.file, default.line)
 
 
 def _access_rules(d: Directive, block: Block) -> tuple:

@@ -114,6 +114,29 @@ class Exchange:
         return self.conn.remote_port
 
     @property
+    def scheme(self) -> str:
+        return self.conn.scheme
+
+    @property
+    def https(self) -> str:
+        """``$https``: "on" on a TLS connection."""
+        return "on" if self.conn.scheme == "https" else ""
+
+    @property
+    def ssl_protocol(self) -> str:
+        """``$ssl_protocol``: e.g. TLSv1.3 ("" without TLS)."""
+        return self.conn.tls_detail("protocol")
+
+    @property
+    def ssl_cipher(self) -> str:
+        return self.conn.tls_detail("cipher")
+
+    @property
+    def ssl_server_name(self) -> str:
+        """``$ssl_server_name``: the name the client sent in SNI."""
+        return self.conn.tls_detail("server_name")
+
+    @property
     def server_port(self) -> int:
         return self.conn.listener.port
 
@@ -152,6 +175,11 @@ class ClientConnection:
     """Serves the requests of one accepted client socket."""
 
     serial_counter = 0
+    scheme = "http"  # "https" for forklb.http.tls.TlsConnection
+
+    def tls_detail(self, what: str) -> str:
+        """``$ssl_*`` values; a plain connection has none (see forklb.http.tls)."""
+        return ""
 
     def __init__(self, worker: Worker, listener: Listener, sock: socket.socket,
                  address: tuple):

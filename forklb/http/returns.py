@@ -26,8 +26,9 @@ def absolute(url: str, ex: Exchange) -> str:
     if not url.startswith("/"):
         return url
     port = ex.server_port
-    authority = ex.host if port == 80 else f"{ex.host}:{port}"
-    return f"http://{authority}{url}"
+    scheme = ex.scheme
+    authority = ex.host if port == (443 if scheme == "https" else 80) else f"{ex.host}:{port}"
+    return f"{scheme}://{authority}{url}"
 
 
 def serve_return(conn: ClientConnection, ex: Exchange, rt: LocationRuntime) -> None:
