@@ -28,6 +28,8 @@ from configobj import ConfigObj, flatten_errors
 from forklb.config import directives as D
 from forklb.config.errors import ConfigError
 from forklb.config.parser import Directive, Parser
+from forklb.http import next_upstream
+from forklb.http.next_upstream import NextUpstream
 from forklb.http.variables import Template, UnknownVariable, compile_template
 from forklb.model import (
     DEFAULT_SIDECAR_LISTEN,
@@ -452,6 +454,8 @@ class _Builder:
             keepalive_requests=values["keepalive_requests"],
             proxy_hide_header=tuple(h.lower() for h in values["proxy_hide_header"]),
             proxy_pass_header=tuple(h.lower() for h in values["proxy_pass_header"]),
+            next_upstream=_next_upstream(values),
+            proxy_http_version=values["proxy_http_version"],
             file=d.file,
             line=d.line,
         )
@@ -505,6 +509,21 @@ def build(root: Block, path: str, prefix: str, files: tuple[str, ...]) -> Config
     http = b.http()
     return Config(main=main, http=http, path=path, prefix=prefix, files=files,
                   sidecar=b.sidecar(http))
+
+
+def _next_upstream(values: dict[str, Any]) -> NextUpstream:
+    """The retry policy: every proxy_next_upstream line of the level that sets them
+    adds up (nginx's bitmask slot); none anywhere means ``error timeout``."""
+    masks = values["proxy_next_upstream"]
+    mask = next_upstream.DEFAULT
+    if masks:
+        mask = 0
+        for m in masks:
+            mask |= m
+        if mask & next_upstream.OFF:
+            mask = next_upstream.OFF
+    return NextUpstream(mask, values["proxy_next_upstream_tries"],
+                        values["proxy_next_upstream_timeout"])
 
 
 def _access_rules(d: Directive, block: Block) -> tuple:
