@@ -47,7 +47,7 @@ class Exchange:
         "version", "keep_alive", "start_time", "status", "body_bytes_sent", "bytes_sent",
         "host", "uri", "args", "path", "server", "location", "proxy_host", "upstream_addr",
         "upstream_status", "upstream_response_time", "content_length", "chunked",
-        "header_bytes", "header_bytes_read", "header_deadline",
+        "header_bytes", "header_bytes_read", "header_deadline", "upgrade_tail",
     )
 
     def __init__(self, conn: ClientConnection):
@@ -79,6 +79,9 @@ class Exchange:
         self.header_bytes = 0
         self.header_bytes_read = 0
         self.header_deadline = 0.0
+        # An upgrade request (Connection: upgrade + Upgrade): the bytes that followed
+        # its head, which belong to the tunnel if there is one; None otherwise.
+        self.upgrade_tail: bytes | None = None
 
     # -- the $variable interface (see forklb.http.variables) --
     @property
@@ -207,12 +210,13 @@ class ClientConnection:
         continuing = before is not None and not before.headers_done
         try:
             self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            # Tunnelling arrives with the proxy issue; answer this request
-            # normally (Upgrade is hop-by-hop and not forwarded), then close.
-            if self.parsing is not None:
-                self.parsing.complete = True
+        except httptools.HttpParserUpgrade as e:
+            # llhttp stops after the head of an upgrade request. The proxy may
+            # tunnel it (forklb.http.proxy); either way this connection serves
+            # no further request.
             self.must_close = True
+            if self.parsing is not None:
+                self._upgrade_stopped(self.parsing, data[e.args[0]:])
         except httptools.HttpParserError as e:
             raise BadRequest(400, f"client sent invalid request: {e}") from None
         ex = self.parsing
@@ -225,6 +229,22 @@ class ClientConnection:
             ex.header_bytes_read += len(data)
         if ex.header_bytes > MAX_HEADER_BYTES or ex.header_bytes_read > MAX_HEADER_BYTES:
             raise BadRequest(400, "client sent too large request header")
+
+    def _upgrade_stopped(self, ex: Exchange, tail: bytes) -> None:
+        """Keep what followed an upgrade request's head.  llhttp skips the body of
+        such a request: when there is one (never tunnelled), a body-only parser
+        takes over, so the request can still be answered normally."""
+        ex.complete = True
+        ex.upgrade_tail = tail
+        if not ex.has_body:
+            return
+        ex.complete = False
+        self.parser = httptools.HttpRequestParser(_BodyOnly(ex))
+        framing = (b"Transfer-Encoding: chunked" if ex.chunked
+                   else b"Content-Length: %d" % ex.content_length)
+        self.parser.feed_data(b"POST / HTTP/1.1\r\nHost: body\r\n" + framing + b"\r\n\r\n")
+        if tail:
+            self._feed(tail)
 
     def _recv(self, timeout: float) -> bytes:
         self.sock.settimeout(timeout)
@@ -417,6 +437,21 @@ class ClientConnection:
         ex.server = server
         ex.host = host or (server.names[0] if server.names else "")
         ex.location = self.worker.matchers[id(server)].match(ex.uri)
+
+
+class _BodyOnly:
+    """httptools callbacks that only add body bytes to one exchange."""
+
+    __slots__ = ("ex",)
+
+    def __init__(self, ex: Exchange):
+        self.ex = ex
+
+    def on_body(self, body: bytes) -> None:
+        self.ex.body.append(body)
+
+    def on_message_complete(self) -> None:
+        self.ex.complete = True
 
 
 class BadRequest(Exception):
