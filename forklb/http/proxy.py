@@ -224,6 +224,7 @@ def proxy(conn: ClientConnection, ex: Exchange, rt: LocationRuntime) -> None:
         tries += 1
         addrs.append(group.label(index))
         group.acquire(index)
+        released = False
         try:
             try:
                 sock, resp = _try_peer(conn, ex, rt, group, index, head, idempotent, tunnel)
@@ -249,10 +250,14 @@ def proxy(conn: ClientConnection, ex: Exchange, rt: LocationRuntime) -> None:
                     continue
                 _finish_log(ex, addrs, statuses, started)
                 if tunnel and resp.status == 101:
+                    # A tunnel counts as a connection to the peer (least_conn,
+                    # max_conns) for as long as it lasts.
                     ex.upstream_status = ", ".join([*statuses, "101"])
                     _relay_tunnel(conn, ex, rt, sock, resp)
                     relayed = False  # a tunnelled connection is never reused
                 else:
+                    group.release(index)
+                    released = True
                     relayed = _relay_response(conn, ex, rt, sock, resp)
                     if statuses:
                         ex.upstream_status = ", ".join([*statuses, ex.upstream_status])
@@ -260,7 +265,8 @@ def proxy(conn: ClientConnection, ex: Exchange, rt: LocationRuntime) -> None:
                 sock.close()
                 raise
         finally:
-            group.release(index)
+            if not released:
+                group.release(index)
         group.succeeded(index)
         if relayed and not rt.http10 and not tunnel:
             group.give_back(index, sock)
