@@ -4,14 +4,18 @@ Per attempt: choose a peer (smooth WRR), take an idle keep-alive connection to
 it or connect, send the request head and stream the body, read the response
 head with httptools, then relay the body to the client as it arrives.
 
-Retries follow nginx's default ``proxy_next_upstream error timeout``: a peer
-that refuses, resets or times out before the response head is tried no more for
-this request and the next peer is chosen, unless request body bytes were
-already streamed (they are not buffered, so cannot be replayed) or a request
-that is not idempotent (POST, PATCH, ...) was already sent.  A pooled
-connection that turns out to be closed by the server is retried at once on a
-fresh connection for idempotent requests, and does not count as a failure.
-When every peer failed the client gets 502 (504 after a timeout).
+Retries follow ``proxy_next_upstream`` (:mod:`forklb.http.next_upstream`
+decides): an attempt ends with a response head or an :class:`UpstreamError`
+(error, timeout, invalid_header); a failure or a listed status goes to the next
+peer while the policy allows it.  A listed status's response is dropped with
+its connection before anything reaches the client.  Request bodies are not
+buffered, so one already streamed is never sent again.  A pooled connection
+that turns out to be closed by the server is retried at once on a fresh
+connection for idempotent requests, and does not count as a failure.
+
+An upgrade request (WebSocket) in a location that sets ``Upgrade`` is sent
+with the configured headers; a ``101`` answer turns the exchange into a
+byte tunnel (:func:`pipe`) that ends when either side closes.
 """
 
 from __future__ import annotations
