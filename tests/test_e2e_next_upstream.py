@@ -186,3 +186,17 @@ def test_max_fails_counts_5xx_and_429_not_404(forklb_factory, named, status, cou
     second = _log_lines(lb, 2)[1]
     tried_a = f"127.0.0.1:{a.port}" in second
     assert tried_a is not counted, second
+
+
+def test_post_body_that_came_with_the_head_is_sent_again(forklb_factory, nginx_backend_factory,
+                                                         named, py_backend_factory):
+    """A small body arrives with the request head: forklb keeps it and can replay it, as
+    nginx replays its buffered bodies."""
+    a, echo = named("a", 503), py_backend_factory("echo", name="echo")
+    servers = _servers(f"127.0.0.1:{a.port} max_fails=0", f"127.0.0.1:{echo.port} backup")
+    listed = "proxy_next_upstream http_503 non_idempotent;"
+    lb, port = _forklb(forklb_factory, servers, listed)
+    for balancer_port in (port, _nginx(nginx_backend_factory, servers, listed)):
+        r = http_request(balancer_port, "/", method="POST", body=b"payload=1")
+        assert r.status == 200
+        assert (r.json()["backend"], r.json()["body"]) == ("echo", "payload=1")

@@ -9,7 +9,8 @@ decides): an attempt ends with a response head or an :class:`UpstreamError`
 (error, timeout, invalid_header); a failure or a listed status goes to the next
 peer while the policy allows it.  A listed status's response is dropped with
 its connection before anything reaches the client.  Request bodies are not
-buffered, so one already streamed is never sent again.  A pooled connection
+buffered: one that arrived whole with the head is kept and can be replayed, one
+streamed from the client is never sent again.  A pooled connection
 that turns out to be closed by the server is retried at once on a fresh
 connection for idempotent requests, and does not count as a failure.
 
@@ -210,6 +211,12 @@ def proxy(conn: ClientConnection, ex: Exchange, rt: LocationRuntime) -> None:
         return
     tunnel = wants_tunnel(ex, rt)
     head = request_head(ex, rt, upstream_uri(ex, rt), tunnel)
+    body = None
+    if ex.has_body and ex.complete:
+        # The whole body came with the head (a small request): it is in memory
+        # anyway, so keep it for another attempt, as nginx's buffered bodies are.
+        data = b"".join(conn.body_chunks(ex))
+        body = [data] if data else []
     idempotent = ex.method_b in protocol.IDEMPOTENT_METHODS
     policy = rt.next_upstream
     choice = group.start(ex)
@@ -231,7 +238,8 @@ def proxy(conn: ClientConnection, ex: Exchange, rt: LocationRuntime) -> None:
         released = False
         try:
             try:
-                sock, resp = _try_peer(conn, ex, rt, group, index, head, idempotent, tunnel)
+                sock, resp = _try_peer(conn, ex, rt, group, index, head, idempotent, tunnel,
+                                       body)
             except UpstreamError as e:
                 conn.worker.log.error(_context(e.message, conn, ex, group.label(index)))
                 group.failed(index)  # error, timeout, invalid_header: always a failure
@@ -245,7 +253,7 @@ def proxy(conn: ClientConnection, ex: Exchange, rt: LocationRuntime) -> None:
                 return
             try:
                 if resp.status in rt.retry_statuses and _next_on_status(
-                        policy, resp.status, tries, rt.peers, started, ex):
+                        policy, resp.status, tries, rt.peers, started, ex, body is not None):
                     # Nothing went to the client: drop the response with its connection.
                     sock.close()
                     statuses.append(str(resp.status))
@@ -280,12 +288,12 @@ def proxy(conn: ClientConnection, ex: Exchange, rt: LocationRuntime) -> None:
 
 
 def _next_on_status(policy: nu.NextUpstream, status: int, tries: int, peers: int,
-                    started: float, ex: Exchange) -> bool:
+                    started: float, ex: Exchange, body_kept: bool) -> bool:
     """nginx's ngx_http_upstream_test_next: a listed status goes to the next peer
     unless this was the last try (then the response itself is passed on)."""
     return nu.decide(policy, nu.STATUS_FLAGS[status], tries_done=tries, peers=peers,
                      elapsed=time.monotonic() - started, sent=True, method=ex.method_b,
-                     body_gone=ex.has_body)
+                     body_gone=ex.has_body and not body_kept)
 
 
 def _finish_log(ex: Exchange, addrs: list[str], statuses: list[str], started: float) -> None:
@@ -297,8 +305,8 @@ def _finish_log(ex: Exchange, addrs: list[str], statuses: list[str], started: fl
 
 
 def _try_peer(conn: ClientConnection, ex: Exchange, rt: LocationRuntime, group: UpstreamGroup,
-              index: int, head: bytes, idempotent: bool,
-              tunnel: bool) -> tuple[socket.socket, ResponseHead]:
+              index: int, head: bytes, idempotent: bool, tunnel: bool,
+              body: list[bytes] | None) -> tuple[socket.socket, ResponseHead]:
     """Send ``ex`` to peer ``index`` and read the response head: on an idle pooled
     connection if there is one, again on a fresh connection if that one turns
     out to be closed."""
@@ -308,7 +316,7 @@ def _try_peer(conn: ClientConnection, ex: Exchange, rt: LocationRuntime, group: 
         try:
             if sock is None:
                 sock = _connect(group, index, rt)
-            return sock, _attempt(conn, ex, rt, sock, head, reused, tunnel)
+            return sock, _attempt(conn, ex, rt, sock, head, reused, tunnel, body)
         except UpstreamError as e:
             if sock is not None:
                 sock.close()
@@ -336,8 +344,10 @@ def _connect(group: UpstreamGroup, index: int, rt: LocationRuntime) -> socket.so
 
 
 def _attempt(conn: ClientConnection, ex: Exchange, rt: LocationRuntime, sock: socket.socket,
-             head: bytes, reused: bool, tunnel: bool = False) -> ResponseHead:
-    """One try on ``sock``: send the request, stream its body, read the response head."""
+             head: bytes, reused: bool, tunnel: bool = False,
+             body: list[bytes] | None = None) -> ResponseHead:
+    """One try on ``sock``: send the request, its body (``body`` when kept for
+    replay, else streamed from the client), read the response head."""
     sent = body_consumed = False
     phase = "sending request to upstream"
     try:
@@ -346,8 +356,8 @@ def _attempt(conn: ClientConnection, ex: Exchange, rt: LocationRuntime, sock: so
         send_all(sock, head)
         sent = True
         if ex.has_body:
-            body_consumed = True
-            for data in conn.body_chunks(ex):
+            body_consumed = body is None
+            for data in conn.body_chunks(ex) if body is None else body:
                 send_all(sock, protocol.chunk(data) if ex.chunked else data)
             if ex.chunked:
                 send_all(sock, protocol.LAST_CHUNK)
