@@ -46,11 +46,16 @@ def _forklb(forklb_factory, servers: str, directives: str):
     return lb, port
 
 
-def _nginx(nginx_backend_factory, servers: str, directives: str) -> int:
-    """Debian's nginx as the balancer, with the same upstream and location."""
+def _nginx(nginx_backend_factory, servers: str, directives: str, log=None) -> int:
+    """Debian's nginx as the balancer, with the same upstream and location (and the
+    same access log format, written to ``log``, a path)."""
     port = free_port()
-    nginx_backend_factory("unused", extra_servers=BLOCK.format(servers=servers, port=port,
-                                                               directives=directives))
+    fmt = ""
+    if log is not None:
+        fmt = "log_format up '$status \"$upstream_addr\" \"$upstream_status\"';"
+        directives += f" access_log {log} up;"
+    nginx_backend_factory("unused", extra_servers=fmt + BLOCK.format(
+        servers=servers, port=port, directives=directives))
     return port
 
 
@@ -106,13 +111,16 @@ def test_last_try_passes_the_upstream_response_with_its_body(forklb_factory,
     assert _log_lines(lb, 1)[0].endswith('"503, 503"')
 
 
-def test_tries_limit(forklb_factory, named):
+def test_tries_limit(forklb_factory, nginx_backend_factory, named, tmp_path):
     backends = [named(f"s{i}", 503) for i in range(4)]
     servers = _servers(*(f"127.0.0.1:{b.port} max_fails=0" for b in backends))
-    lb, port = _forklb(forklb_factory, servers,
-                       "proxy_next_upstream http_503; proxy_next_upstream_tries 2;")
+    listed = "proxy_next_upstream http_503; proxy_next_upstream_tries 2;"
+    lb, port = _forklb(forklb_factory, servers, listed)
     assert _outcome(port)[0] == 503
     assert _log_lines(lb, 1)[0].endswith('"503, 503"')  # two tries, not four
+    nginx_log = tmp_path / "nginx-up.log"
+    assert _outcome(_nginx(nginx_backend_factory, servers, listed, log=nginx_log))[0] == 503
+    assert nginx_log.read_text().endswith('"503, 503"\n')
 
 
 def test_without_tries_limit_every_peer_once(forklb_factory, named):
@@ -126,15 +134,20 @@ def test_without_tries_limit_every_peer_once(forklb_factory, named):
                                                               for b in backends)
 
 
-def test_timeout_limit_from_the_first_attempt(forklb_factory, named):
+def test_timeout_limit_from_the_first_attempt(forklb_factory, nginx_backend_factory, named,
+                                              tmp_path):
     """Each peer answers 503 after 1 s; with a 1.5 s limit the second answer is the last."""
     backends = [named(f"s{i}", 503) for i in range(4)]
     servers = _servers(*(f"127.0.0.1:{b.port} max_fails=0" for b in backends))
-    lb, port = _forklb(forklb_factory, servers,
-                       "proxy_next_upstream http_503; proxy_next_upstream_timeout 1500ms;")
+    listed = "proxy_next_upstream http_503; proxy_next_upstream_timeout 1500ms;"
+    lb, port = _forklb(forklb_factory, servers, listed)
     r = http_request(port, "/?__delay=1", timeout=30)
     assert r.status == 503
     assert _log_lines(lb, 1)[0].endswith('"503, 503"')
+    nginx_log = tmp_path / "nginx-up.log"
+    ngx = _nginx(nginx_backend_factory, servers, listed, log=nginx_log)
+    assert http_request(ngx, "/?__delay=1", timeout=30).status == 503
+    assert nginx_log.read_text().endswith('"503, 503"\n')
 
 
 @pytest.mark.parametrize("listed, expected", [
@@ -175,17 +188,23 @@ def test_404_retried_only_when_listed(forklb_factory, nginx_backend_factory, nam
 
 
 @pytest.mark.parametrize("status, counted", [(503, True), (429, True), (404, False)])
-def test_max_fails_counts_5xx_and_429_not_404(forklb_factory, named, status, counted):
+def test_max_fails_counts_5xx_and_429_not_404(forklb_factory, nginx_backend_factory, named,
+                                              tmp_path, status, counted):
     """After a retried 503/429, A is out for fail_timeout; after a retried 404 it is not."""
     a, b = named("a", status), named("b")
     servers = _servers(f"127.0.0.1:{a.port} max_fails=1 fail_timeout=60s",
                        f"127.0.0.1:{b.port} backup")
-    lb, port = _forklb(forklb_factory, servers, f"proxy_next_upstream http_{status};")
-    assert _outcome(port) == (200, "b")
-    assert _outcome(port) == (200, "b")
+    listed = f"proxy_next_upstream http_{status};"
+    lb, port = _forklb(forklb_factory, servers, listed)
+    nginx_log = tmp_path / "nginx-up.log"
+    ngx = _nginx(nginx_backend_factory, servers, listed, log=nginx_log)
+    for balancer_port in (port, ngx):
+        assert _outcome(balancer_port) == (200, "b")
+        assert _outcome(balancer_port) == (200, "b")
     second = _log_lines(lb, 2)[1]
     tried_a = f"127.0.0.1:{a.port}" in second
     assert tried_a is not counted, second
+    assert nginx_log.read_text().splitlines()[1] == second  # nginx: the same peers tried
 
 
 def test_post_body_that_came_with_the_head_is_sent_again(forklb_factory, nginx_backend_factory,
