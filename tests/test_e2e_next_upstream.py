@@ -8,6 +8,9 @@ and B only as the next upstream, so each outcome is deterministic. The access lo
 
 from __future__ import annotations
 
+import socket
+import threading
+
 import pytest
 from harness import free_port, http_request, wait_for
 
@@ -219,3 +222,74 @@ def test_post_body_that_came_with_the_head_is_sent_again(forklb_factory, nginx_b
         r = http_request(balancer_port, "/", method="POST", body=b"payload=1")
         assert r.status == 200
         assert (r.json()["backend"], r.json()["body"]) == ("echo", "payload=1")
+
+
+class GarbageBackend:
+    """Reads a request and answers a response head with a malformed header line."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.sock.settimeout(0.05)
+        self.port = self.sock.getsockname()[1]
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            with conn:
+                conn.settimeout(5)
+                try:
+                    conn.recv(65536)
+                    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nBad\x01Header\r\n\r\nok")
+                except OSError:
+                    pass
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self.sock.close()
+
+
+@pytest.fixture
+def garbage():
+    backend = GarbageBackend()
+    yield backend
+    backend.stop()
+
+
+@pytest.mark.parametrize("listed, expected", [
+    ("", (502, None)),
+    ("proxy_next_upstream invalid_header;", (200, "b")),
+])
+def test_invalid_header_retried_only_when_listed(forklb_factory, nginx_backend_factory,
+                                                 named, garbage, listed, expected):
+    b = named("b")
+    servers = _servers(f"127.0.0.1:{garbage.port} max_fails=0", f"127.0.0.1:{b.port} backup")
+    lb, port = _forklb(forklb_factory, servers, listed)
+    status, body = _outcome(port)
+    assert status == expected[0]
+    if expected[1]:
+        assert body == expected[1]
+    assert "upstream sent invalid header" in lb.error_log()
+    assert _outcome(_nginx(nginx_backend_factory, servers, listed))[0] == expected[0]
+
+
+@pytest.mark.parametrize("listed, statuses", [
+    ("", '"504, 504"'),  # default error timeout: the backup is tried too
+    ("proxy_next_upstream error;", '"504"'),
+])
+def test_timeout_retried_only_when_listed(forklb_factory, named, listed, statuses):
+    a, b = named("a"), named("b")
+    servers = _servers(f"127.0.0.1:{a.port} max_fails=0", f"127.0.0.1:{b.port} backup")
+    lb, port = _forklb(forklb_factory, servers, listed + " proxy_read_timeout 1s;")
+    assert http_request(port, "/?__delay=3", timeout=30).status == 504
+    assert _log_lines(lb, 1)[0].endswith(statuses)
