@@ -55,11 +55,6 @@ class UpstreamError(Exception):
         return not self.body_consumed and (idempotent or not self.sent)
 
 
-class NextPeer(UpstreamError):
-    """The upstream answered with a status proxy_next_upstream retries, and this
-    attempt may be retried: the response is dropped with its connection."""
-
-
 class ResponseHead:
     """httptools callbacks for one upstream response."""
 
