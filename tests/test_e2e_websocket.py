@@ -274,3 +274,17 @@ def test_h2c_upgrade_request_with_a_body_is_forwarded_whole(forklb_factory,
     reply = raw_exchange(port, request, timeout=15)
     assert reply.startswith(b"HTTP/1.1 200 "), reply[:200]
     assert b'"body_len": %d' % len(body) in reply
+
+
+def test_a_tunnel_counts_as_a_connection_for_max_conns(forklb_factory, backend):
+    port = free_port()
+    block = BLOCK.format(backend=f"{backend.port} max_conns=1", port=port, directives=TUNNEL)
+    lb = forklb_factory(f"worker_processes 1;\nevents {{ }}\nhttp {{ access_log off; {block} }}")
+    lb.start(wait_ports=[port], workers=1)
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(_upgrade_request())
+        head, _ = _read_head(sock)
+        assert head.startswith(b"HTTP/1.1 101 ")
+        assert http_request(port, "/").status == 502  # the one allowed connection is busy
+    wait_for(lambda: backend.closed == 1, 10, message="upstream tunnel not closed")
+    wait_for(lambda: http_request(port, "/").status == 200, 10, message="peer not released")
