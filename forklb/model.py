@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from forklb.http.next_upstream import NextUpstream
 from forklb.http.variables import Template
 
 Address = tuple[str, int]  # (host, port) with host a literal IP address
@@ -151,6 +152,8 @@ class Location:
     client_max_body_size: int = 1024 * 1024  # 0: no limit
     client_body_timeout: float = 60.0  # longest pause between two reads of the body
     keepalive_requests: int = 1000  # requests on one client connection, then close
+    next_upstream: NextUpstream = NextUpstream()  # proxy_next_upstream{,_tries,_timeout}
+    proxy_http_version: str = "1.1"  # "1.0": Connection: close, no pooling, no chunked body
     file: str = ""
     line: int = 0
     # static files and error pages

@@ -58,7 +58,8 @@ class LocationRuntime:
 
     __slots__ = ("handler", "group", "proxy_uri", "proxy_host", "set_headers", "overridden",
                  "sets_host", "connect_timeout", "read_timeout", "send_timeout", "mime_types",
-                 "hidden", "passed", "doc_root", "alias_len")
+                 "hidden", "passed", "doc_root", "alias_len", "next_upstream", "retry_statuses",
+                 "peers", "http10", "version_line", "tunnel", "upgrade_headers")
 
     def __init__(self, loc: Location, groups: dict, mime_types: dict[str, str]):
         from forklb.http.protocol import FRAMING_RESPONSE, HIDDEN_BY_DEFAULT
@@ -98,6 +99,21 @@ class LocationRuntime:
             self.group = None
             self.proxy_uri = None
             self.proxy_host = ""
+        # proxy_next_upstream: the policy, the response statuses it may act on (so
+        # the common default costs one empty-set lookup per response) and nginx's
+        # number of tries: every peer not marked down, primaries and backups.
+        self.next_upstream = loc.next_upstream
+        self.retry_statuses = loc.next_upstream.retried_statuses()
+        servers = self.group.servers if self.group is not None else ()
+        self.peers = max(1, sum(1 for s in servers if not s.down and not s.spare))
+        # proxy_http_version 1.0: no upstream keep-alive, no chunked request bodies.
+        self.http10 = loc.proxy_http_version == "1.0"
+        self.version_line = b" HTTP/1.0\r\n" if self.http10 else b" HTTP/1.1\r\n"
+        # WebSocket and other upgrades are tunnelled only where "Upgrade" is set
+        # (proxy_set_header Upgrade $http_upgrade), as in nginx; these configured
+        # headers are left out of requests that are not tunnelled.
+        self.tunnel = b"upgrade" in names
+        self.upgrade_headers = frozenset({b"upgrade", b"connection"}) & names
         self._static_files(loc)
 
     def _static_files(self, loc: Location) -> None:

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 from validate import ValidateError, Validator
 
+from forklb.http.next_upstream import PolicyError, parse_mask
+
 MAIN, EVENTS, HTTP, UPSTREAM, SERVER, LOCATION, TYPES, SIDECAR = (
     "main", "events", "http", "upstream", "server", "location", "types", "sidecar",
 )
@@ -134,6 +136,15 @@ TABLE: tuple[Spec, ...] = (
           inherit=True),
     _spec("sendfile", _HTTP_LEVELS, 1, check="flag(default=on)", inherit=True),
     _spec("proxy_intercept_errors", _HTTP_LEVELS, 1, check="flag(default=off)", inherit=True),
+    # retries (several proxy_next_upstream lines add up, as nginx's bitmask slot)
+    _spec("proxy_next_upstream", _HTTP_LEVELS, (1, ANY), check="next_upstream()",
+          multiple=True, inherit=True),
+    _spec("proxy_next_upstream_tries", _HTTP_LEVELS, 1, check="nginx_number(default=0)",
+          inherit=True),
+    _spec("proxy_next_upstream_timeout", _HTTP_LEVELS, 1, check="time(default=0)",
+          inherit=True),
+    _spec("proxy_http_version", _HTTP_LEVELS, 1, check="http_version(default=1.1)",
+          inherit=True),
 )
 
 # "include" is expanded by the parser in every context; it is listed so the
@@ -625,6 +636,28 @@ def _error_page(value):
     return (tuple(codes), overwrite, uri)
 
 
+def _next_upstream(value):
+    """``proxy_next_upstream`` arguments -> the bit mask of :mod:`forklb.http.next_upstream`."""
+    try:
+        return parse_mask([value] if isinstance(value, str) else value)
+    except PolicyError as e:
+        raise DirectiveError(e.message) from None
+
+
+def _nginx_number(value, default=None):
+    """``ngx_conf_set_num_slot``: a non-negative integer."""
+    if not _DIGITS.fullmatch(value):
+        raise DirectiveError('"{directive}" directive invalid number')
+    return int(value)
+
+
+def _http_version(value, default=None):
+    """``proxy_http_version 1.0 | 1.1``."""
+    if value not in ("1.0", "1.1"):
+        raise DirectiveError(f'invalid value "{value}"')
+    return value
+
+
 def _occurrences(validator: Validator):
     """``each("check")``: validate every occurrence of a multiple directive."""
 
@@ -654,7 +687,8 @@ def make_validator() -> Validator:
         "cpu_affinity": _cpu_affinity, "hash_method": _hash_method,
         "health_check": _health_check, "cidr": _cidr, "return_action": _return_action,
         "random_method": _random_method, "try_files": _try_files,
-        "error_page": _error_page,
+        "error_page": _error_page, "next_upstream": _next_upstream,
+        "nginx_number": _nginx_number, "http_version": _http_version,
     })
     v.functions["each"] = _occurrences(v)
     v.functions["ssl_protocols"] = _ssl_protocols

@@ -28,7 +28,9 @@ from configobj import ConfigObj, flatten_errors
 from forklb.config import directives as D
 from forklb.config.errors import ConfigError
 from forklb.config.parser import Directive, Parser
+from forklb.http import next_upstream
 from forklb.http import tls as tls_files
+from forklb.http.next_upstream import NextUpstream
 from forklb.http.variables import Template, UnknownVariable, compile_template
 from forklb.model import (
     DEFAULT_SIDECAR_LISTEN,
@@ -503,6 +505,8 @@ class _Builder:
             keepalive_requests=values["keepalive_requests"],
             proxy_hide_header=tuple(h.lower() for h in values["proxy_hide_header"]),
             proxy_pass_header=tuple(h.lower() for h in values["proxy_pass_header"]),
+            next_upstream=_next_upstream(values),
+            proxy_http_version=values["proxy_http_version"],
             file=d.file,
             line=d.line,
             **self._static_settings(pattern, b, values, where),
@@ -612,6 +616,21 @@ def _check_ssl_listens(servers: tuple[Server, ...]) -> None:
         if default.tls is None:
             raise ConfigError('no "ssl_certificate" is defined for the "listen ... ssl" '
                               "directive", default.file, default.line)
+
+
+def _next_upstream(values: dict[str, Any]) -> NextUpstream:
+    """The retry policy: every proxy_next_upstream line of the level that sets them
+    adds up (nginx's bitmask slot); none anywhere means ``error timeout``."""
+    masks = values["proxy_next_upstream"]
+    mask = next_upstream.DEFAULT
+    if masks:
+        mask = 0
+        for m in masks:
+            mask |= m
+        if mask & next_upstream.OFF:
+            mask = next_upstream.OFF
+    return NextUpstream(mask, values["proxy_next_upstream_tries"],
+                        values["proxy_next_upstream_timeout"])
 
 
 def _access_rules(d: Directive, block: Block) -> tuple:

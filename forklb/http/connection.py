@@ -48,7 +48,7 @@ class Exchange:
         "version", "keep_alive", "start_time", "status", "body_bytes_sent", "bytes_sent",
         "host", "uri", "args", "path", "server", "location", "proxy_host", "upstream_addr",
         "upstream_status", "upstream_response_time", "content_length", "chunked",
-        "header_bytes", "header_bytes_read", "header_deadline",
+        "header_bytes", "header_bytes_read", "header_deadline", "upgrade_tail",
         "redirects", "err_status", "error_paged",  # internal redirects, error_page
         "request_method_b",  # the method as received, once error_page turned it into GET
     )
@@ -86,6 +86,9 @@ class Exchange:
         self.err_status = 0  # error_page: the status a page is served with (0: its own)
         self.error_paged = False  # an error page was looked up: no second one
         self.request_method_b = b""
+        # An upgrade request (Connection: upgrade + Upgrade): the bytes that followed
+        # its head, which belong to the tunnel if there is one; None otherwise.
+        self.upgrade_tail: bytes | None = None
 
     # -- the $variable interface (see forklb.http.variables) --
     @property
@@ -258,12 +261,13 @@ class ClientConnection:
         continuing = before is not None and not before.headers_done
         try:
             self._feed_framed(data)
-        except httptools.HttpParserUpgrade:
-            # Tunnelling arrives with the proxy issue; answer this request
-            # normally (Upgrade is hop-by-hop and not forwarded), then close.
-            if self.parsing is not None:
-                self.parsing.complete = True
+        except httptools.HttpParserUpgrade as e:
+            # llhttp stops after the head of an upgrade request. The proxy may
+            # tunnel it (forklb.http.proxy); either way this connection serves
+            # no further request.
             self.must_close = True
+            if self.parsing is not None:
+                self._upgrade_stopped(self.parsing, data[e.args[0]:])
         except httptools.HttpParserError as e:
             if isinstance(e.__context__, BadRequest):  # raised by one of our callbacks
                 raise e.__context__ from None
@@ -309,7 +313,10 @@ class ClientConnection:
                     feed(rest)
                     return
                 self.head_tail = b""
-                feed(data[pos:cut] if pos or cut < end else data)
+                try:
+                    feed(data[pos:cut] if pos or cut < end else data)
+                except httptools.HttpParserUpgrade as e:  # its offset made absolute
+                    raise httptools.HttpParserUpgrade(pos + e.args[0]) from None
                 pos = cut
                 ex = self.parsing
                 if ex is not None and ex.headers_done and not ex.complete:
@@ -331,6 +338,26 @@ class ClientConnection:
                 return pos + i + 4 - len(tail)
         i = data.find(b"\r\n\r\n", pos)
         return i + 4 if i >= 0 else -1
+    def _upgrade_stopped(self, ex: Exchange, tail: bytes) -> None:
+        """Keep what followed an upgrade request's head.  llhttp skips the body of
+        such a request: when there is one (never tunnelled), a body-only parser
+        takes over, so the request can still be answered normally."""
+        ex.complete = True
+        ex.upgrade_tail = tail
+        if not ex.has_body:
+            return
+        ex.complete = False
+        self.parser = httptools.HttpRequestParser(_BodyOnly(ex))
+        # _feed_framed follows the body's framing from here, as after any head.
+        if ex.chunked:
+            self.chunks = ChunkScanner()
+        else:
+            self.body_left = ex.content_length
+        framing = (b"Transfer-Encoding: chunked" if ex.chunked
+                   else b"Content-Length: %d" % ex.content_length)
+        self.parser.feed_data(b"POST / HTTP/1.1\r\nHost: body\r\n" + framing + b"\r\n\r\n")
+        if tail:
+            self._feed(tail)
 
     def _recv(self, timeout: float) -> bytes:
         self.sock.settimeout(timeout)
@@ -526,6 +553,21 @@ class ClientConnection:
         ex.server = server
         ex.host = host or (server.names[0] if server.names else "")
         ex.location = self.worker.matchers[id(server)].match(ex.uri)
+
+
+class _BodyOnly:
+    """httptools callbacks that only add body bytes to one exchange."""
+
+    __slots__ = ("ex",)
+
+    def __init__(self, ex: Exchange):
+        self.ex = ex
+
+    def on_body(self, body: bytes) -> None:
+        self.ex.body.append(body)
+
+    def on_message_complete(self) -> None:
+        self.ex.complete = True
 
 
 class BadRequest(Exception):

@@ -4,14 +4,19 @@ Per attempt: choose a peer (smooth WRR), take an idle keep-alive connection to
 it or connect, send the request head and stream the body, read the response
 head with httptools, then relay the body to the client as it arrives.
 
-Retries follow nginx's default ``proxy_next_upstream error timeout``: a peer
-that refuses, resets or times out before the response head is tried no more for
-this request and the next peer is chosen, unless request body bytes were
-already streamed (they are not buffered, so cannot be replayed) or a request
-that is not idempotent (POST, PATCH, ...) was already sent.  A pooled
-connection that turns out to be closed by the server is retried at once on a
-fresh connection for idempotent requests, and does not count as a failure.
-When every peer failed the client gets 502 (504 after a timeout).
+Retries follow ``proxy_next_upstream`` (:mod:`forklb.http.next_upstream`
+decides): an attempt ends with a response head or an :class:`UpstreamError`
+(error, timeout, invalid_header); a failure or a listed status goes to the next
+peer while the policy allows it.  A listed status's response is dropped with
+its connection before anything reaches the client.  Request bodies are not
+buffered: one that arrived whole with the head is kept and can be replayed, one
+streamed from the client is never sent again.  A pooled connection
+that turns out to be closed by the server is retried at once on a fresh
+connection for idempotent requests, and does not count as a failure.
+
+An upgrade request (WebSocket) in a location that sets ``Upgrade`` is sent
+with the configured headers; a ``101`` answer turns the exchange into a
+byte tunnel (:func:`pipe`) that ends when either side closes.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from typing import TYPE_CHECKING
 
 import httptools
 
+from forklb.http import next_upstream as nu
 from forklb.http import protocol
 from forklb.http.connection import RECV_SIZE, ClientConnection, Exchange
 from forklb.http.validate import Invalid, response_start_ok, transfer_coding
@@ -35,10 +41,11 @@ class UpstreamError(Exception):
     """An attempt failed before the response head was complete."""
 
     def __init__(self, message: str, status: int = 502, stale: bool = False,
-                 sent: bool = False, body_consumed: bool = False):
+                 sent: bool = False, body_consumed: bool = False, kind: int = nu.ERROR):
         super().__init__(message)
         self.message = message
         self.status = status
+        self.kind = kind  # proxy_next_upstream's name for it (forklb.http.next_upstream)
         self.stale = stale  # a reused idle connection turned out to be closed
         self.sent = sent  # request bytes reached the upstream socket
         self.body_consumed = body_consumed  # body bytes read from the client: no replay
@@ -53,7 +60,7 @@ class ResponseHead:
     """httptools callbacks for one upstream response."""
 
     __slots__ = ("parser", "reason", "headers", "headers_done", "complete", "body", "status",
-                 "keep_alive", "head_request", "prefix")
+                 "keep_alive", "head_request", "prefix", "upgrade_rest")
 
     def __init__(self, head_request: bool):
         self.parser = httptools.HttpResponseParser(self)
@@ -66,6 +73,7 @@ class ResponseHead:
         self.status = 0
         self.keep_alive = False
         self.prefix = b""  # the reply's first bytes, until they show "HTTP/"
+        self.upgrade_rest: bytes | None = None  # after a 101 head: the tunnel's first bytes
 
     def on_message_begin(self) -> None:
         self.reason = b""
@@ -111,21 +119,43 @@ class ResponseHead:
                 raise Invalid(502, "upstream sent no valid HTTP/1.0 header")
         try:
             self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as e:
+            # 101 Switching Protocols: llhttp stops after the head.
+            self.upgrade_rest = data[e.args[0]:]
+            self.complete = True
         except httptools.HttpParserError as e:
             if isinstance(e.__context__, Invalid):
                 raise e.__context__ from None
             raise
 
 
-def request_head(ex: Exchange, rt: LocationRuntime, uri: bytes) -> bytes:
+def wants_tunnel(ex: Exchange, rt: LocationRuntime) -> bool:
+    """Whether ``ex`` is forwarded as an upgrade that a 101 turns into a tunnel:
+    the location sets Upgrade, the client asked for an upgrade (Connection:
+    upgrade + Upgrade, no body), and not to h2c, which is never tunnelled."""
+    if not rt.tunnel or ex.upgrade_tail is None or ex.has_body:
+        return False
+    return not any(name.lower() == b"upgrade" and b"h2c" in value.lower()
+                   for name, value in ex.headers)
+
+
+def request_head(ex: Exchange, rt: LocationRuntime, uri: bytes, tunnel: bool = False) -> bytes:
     """The request line and headers sent upstream for ``ex``."""
-    lines = [ex.method_b, b" ", uri, b" HTTP/1.1\r\n"]
+    lines = [ex.method_b, b" ", uri, rt.version_line]
     if not rt.sets_host:
         lines += (b"Host: ", ex.proxy_host.encode("latin-1"), b"\r\n")
+    # Upgrade/Connection set for WebSocket go only with an upgrade being tunnelled.
+    drop = rt.upgrade_headers if rt.tunnel and not tunnel else None
+    configured_connection = b"connection" in rt.upgrade_headers
+    connection_set = False  # a configured Connection replaces forklb's "close"
     for name, template, literal in rt.set_headers:
+        if drop and name.lower() in drop:
+            continue
         value = literal if literal is not None else template.render(ex).encode("latin-1")
         if value:
             lines += (name, b": ", value, b"\r\n")
+            if configured_connection and name.lower() == b"connection":
+                connection_set = True
     skip = rt.overridden
     connection_listed = None
     for name, value in ex.headers:
@@ -141,7 +171,7 @@ def request_head(ex: Exchange, rt: LocationRuntime, uri: bytes) -> bytes:
         lines.append(b"Transfer-Encoding: chunked\r\n")
     elif ex.content_length is not None:
         lines.append(b"Content-Length: %d\r\n" % ex.content_length)
-    if not rt.group.keepalive:
+    if (rt.http10 or not rt.group.keepalive) and not connection_set:
         lines.append(b"Connection: close\r\n")
     lines.append(b"\r\n")
     return b"".join(lines)
@@ -178,60 +208,130 @@ def _quote_path(path: bytes) -> bytes:
 
 
 def proxy(conn: ClientConnection, ex: Exchange, rt: LocationRuntime) -> None:
-    """Handle ``ex`` by proxying it to the location's upstream group."""
+    """Handle ``ex`` by proxying it to the location's upstream group.
+
+    Each attempt ends with a response head or an :class:`UpstreamError`; what
+    happens next (another peer, an error page, the response relayed) is
+    decided by :func:`forklb.http.next_upstream.decide`.
+    """
     group: UpstreamGroup = rt.group
     ex.proxy_host = rt.proxy_host
-    head = request_head(ex, rt, upstream_uri(ex, rt))
+    if rt.http10 and ex.chunked:
+        # HTTP/1.0 cannot carry a chunked body and forklb does not buffer bodies
+        # to count them (nginx does): the client has to send a Content-Length.
+        conn.worker.log.error(_context("client sent chunked body, which proxy_http_version "
+                                       "1.0 cannot forward", conn, ex, None))
+        ex.keep_alive = False
+        conn.respond_simple(ex, 411)
+        return
+    tunnel = wants_tunnel(ex, rt)
+    head = request_head(ex, rt, upstream_uri(ex, rt), tunnel)
+    body = None
+    if ex.has_body and ex.complete:
+        # The whole body came with the head (a small request): it is in memory
+        # anyway, so keep it for another attempt, as nginx's buffered bodies are.
+        data = b"".join(conn.body_chunks(ex))
+        body = [data] if data else []
     idempotent = ex.method_b in protocol.IDEMPOTENT_METHODS
+    policy = rt.next_upstream
     choice = group.start(ex)
-    last_error: UpstreamError | None = None
     started = time.monotonic()
     addrs: list[str] = []
+    statuses: list[str] = []
+    tries = 0
     while True:
         index = choice.next()
         if index is None:
-            if last_error is None:
-                conn.worker.log.error(_context("no live upstreams while connecting to upstream",
-                                               conn, ex, None))
-            ex.upstream_addr = ", ".join(addrs)
-            conn.respond_simple(ex, last_error.status if last_error else 502)
+            conn.worker.log.error(_context("no live upstreams while connecting to upstream",
+                                           conn, ex, None))
+            _finish_log(ex, addrs, statuses, started)
+            conn.respond_simple(ex, 502)
             return
+        tries += 1
         addrs.append(group.label(index))
         group.acquire(index)
+        released = False
         try:
-            sock, relayed = _try_peer(conn, ex, rt, group, index, head, idempotent)
-        except UpstreamError as e:
-            conn.worker.log.error(_context(e.message, conn, ex, group.label(index)))
-            group.failed(index)
-            last_error = e
-            if not e.replayable(idempotent):
-                ex.upstream_addr = ", ".join(addrs)
+            try:
+                sock, resp = _try_peer(conn, ex, rt, group, index, head, idempotent, tunnel,
+                                       body)
+            except UpstreamError as e:
+                conn.worker.log.error(_context(e.message, conn, ex, group.label(index)))
+                group.failed(index)  # error, timeout, invalid_header: always a failure
+                statuses.append(str(e.status))
+                if nu.decide(policy, e.kind, tries_done=tries, peers=rt.peers,
+                             elapsed=time.monotonic() - started, sent=e.sent,
+                             method=ex.method_b, body_gone=e.body_consumed):
+                    continue
+                _finish_log(ex, addrs, statuses, started)
                 conn.respond_simple(ex, e.status)
                 return
-            continue
+            try:
+                if resp.status in rt.retry_statuses and _next_on_status(
+                        policy, resp.status, tries, rt.peers, started, ex, body is not None):
+                    # Nothing went to the client: drop the response with its connection.
+                    sock.close()
+                    statuses.append(str(resp.status))
+                    if nu.counts_as_failure(nu.STATUS_FLAGS[resp.status]):
+                        group.failed(index)
+                    continue
+                _finish_log(ex, addrs, statuses, started)
+                if tunnel and resp.status == 101:
+                    # A tunnel counts as a connection to the peer (least_conn,
+                    # max_conns) for as long as it lasts.
+                    ex.upstream_status = ", ".join([*statuses, "101"])
+                    _relay_tunnel(conn, ex, rt, sock, resp)
+                    relayed = False  # a tunnelled connection is never reused
+                else:
+                    group.release(index)
+                    released = True
+                    relayed = _relay_response(conn, ex, rt, sock, resp)
+                    if statuses:
+                        ex.upstream_status = ", ".join([*statuses, ex.upstream_status])
+            except BaseException:
+                sock.close()
+                raise
         finally:
-            group.release(index)
+            if not released:
+                group.release(index)
         group.succeeded(index)
-        ex.upstream_addr = ", ".join(addrs)
-        ex.upstream_response_time = f"{time.monotonic() - started:.3f}"
-        if relayed:
+        if relayed and not rt.http10 and not tunnel:
             group.give_back(index, sock)
         else:
             sock.close()
         return
 
 
+def _next_on_status(policy: nu.NextUpstream, status: int, tries: int, peers: int,
+                    started: float, ex: Exchange, body_kept: bool) -> bool:
+    """nginx's ngx_http_upstream_test_next: a listed status goes to the next peer
+    unless this was the last try (then the response itself is passed on)."""
+    return nu.decide(policy, nu.STATUS_FLAGS[status], tries_done=tries, peers=peers,
+                     elapsed=time.monotonic() - started, sent=True, method=ex.method_b,
+                     body_gone=ex.has_body and not body_kept)
+
+
+def _finish_log(ex: Exchange, addrs: list[str], statuses: list[str], started: float) -> None:
+    """$upstream_addr (every peer tried) and the time spent, for the access log."""
+    ex.upstream_addr = ", ".join(addrs)
+    ex.upstream_response_time = f"{time.monotonic() - started:.3f}"
+    if statuses:
+        ex.upstream_status = ", ".join(statuses)
+
+
 def _try_peer(conn: ClientConnection, ex: Exchange, rt: LocationRuntime, group: UpstreamGroup,
-              index: int, head: bytes, idempotent: bool) -> tuple[socket.socket, bool]:
-    """Exchange ``ex`` with peer ``index``: on an idle pooled connection if there is
-    one, again on a fresh connection if that one turns out to be closed."""
-    sock = group.take_idle(index)
+              index: int, head: bytes, idempotent: bool, tunnel: bool,
+              body: list[bytes] | None) -> tuple[socket.socket, ResponseHead]:
+    """Send ``ex`` to peer ``index`` and read the response head: on an idle pooled
+    connection if there is one, again on a fresh connection if that one turns
+    out to be closed."""
+    sock = None if tunnel else group.take_idle(index)
     while True:
         reused = sock is not None
         try:
             if sock is None:
                 sock = _connect(group, index, rt)
-            return sock, _attempt(conn, ex, rt, sock, head, reused)
+            return sock, _attempt(conn, ex, rt, sock, head, reused, tunnel, body)
         except UpstreamError as e:
             if sock is not None:
                 sock.close()
@@ -252,15 +352,17 @@ def _connect(group: UpstreamGroup, index: int, rt: LocationRuntime) -> socket.so
         return connect(group.address(index), rt.connect_timeout)
     except TimeoutError:
         raise UpstreamError("upstream timed out (110: Connection timed out) while connecting "
-                            "to upstream", status=504) from None
+                            "to upstream", status=504, kind=nu.TIMEOUT) from None
     except OSError as e:
         raise UpstreamError(f"connect() failed ({e.errno}: {e.strerror}) while connecting to "
                             "upstream") from None
 
 
 def _attempt(conn: ClientConnection, ex: Exchange, rt: LocationRuntime, sock: socket.socket,
-             head: bytes, reused: bool) -> bool:
-    """One try on ``sock``; True when the connection may be kept for reuse."""
+             head: bytes, reused: bool, tunnel: bool = False,
+             body: list[bytes] | None = None) -> ResponseHead:
+    """One try on ``sock``: send the request, its body (``body`` when kept for
+    replay, else streamed from the client), read the response head."""
     sent = body_consumed = False
     phase = "sending request to upstream"
     try:
@@ -269,8 +371,8 @@ def _attempt(conn: ClientConnection, ex: Exchange, rt: LocationRuntime, sock: so
         send_all(sock, head)
         sent = True
         if ex.has_body:
-            body_consumed = True
-            for data in conn.body_chunks(ex):
+            body_consumed = body is None
+            for data in conn.body_chunks(ex) if body is None else body:
                 send_all(sock, protocol.chunk(data) if ex.chunked else data)
             if ex.chunked:
                 send_all(sock, protocol.LAST_CHUNK)
@@ -286,18 +388,23 @@ def _attempt(conn: ClientConnection, ex: Exchange, rt: LocationRuntime, sock: so
             resp.feed(data)
     except TimeoutError:
         raise UpstreamError(f"upstream timed out (110: Connection timed out) while {phase}",
-                            status=504, sent=sent, body_consumed=body_consumed) from None
+                            status=504, sent=sent, body_consumed=body_consumed,
+                            kind=nu.TIMEOUT) from None
     except httptools.HttpParserError as e:
         raise UpstreamError(f"upstream sent invalid header ({e}) while {phase}", sent=sent,
-                            body_consumed=body_consumed) from None
+                            body_consumed=body_consumed, kind=nu.INVALID_HEADER) from None
     except Invalid as e:
         raise UpstreamError(f"{e.message.replace('client', 'upstream')} while {phase}",
-                            sent=sent, body_consumed=body_consumed) from None
+                            sent=sent, body_consumed=body_consumed,
+                            kind=nu.INVALID_HEADER) from None
     except OSError as e:
         raise UpstreamError(f"{'send' if phase.startswith('send') else 'recv'}() failed "
                             f"({e.errno}: {e.strerror}) while {phase}", stale=reused,
                             sent=sent, body_consumed=body_consumed) from None
-    return _relay_response(conn, ex, rt, sock, resp)
+    if resp.status == 101 and not tunnel:
+        raise UpstreamError(f"upstream sent unexpected 101 response while {phase}", sent=sent,
+                            body_consumed=body_consumed, kind=nu.INVALID_HEADER)
+    return resp
 
 
 def _relay_response(conn: ClientConnection, ex: Exchange, rt: LocationRuntime,
@@ -399,6 +506,80 @@ def _relay_response(conn: ClientConnection, ex: Exchange, rt: LocationRuntime,
     ex.body_bytes_sent = sent
     ex.bytes_sent = head_len + sent
     return resp.complete and resp.keep_alive and not close_delimited
+
+
+def tunnel_head(resp: ResponseHead, rt: LocationRuntime, date: bytes) -> bytes:
+    """The 101 head relayed to the client, as nginx sends it: the upstream's
+    headers (its Upgrade included) minus hop-by-hop and hidden ones, forklb's
+    Server and Date unless passed, and ``Connection: upgrade``."""
+    out = [b"HTTP/1.1 101 ", resp.reason or protocol.reason(101), b"\r\n"]
+    relayed_own = set()
+    for name, value in resp.headers:
+        lname = name.lower()
+        if lname in rt.hidden and lname != b"upgrade":
+            continue
+        if lname in rt.passed:
+            relayed_own.add(lname)
+        out += (name, b": ", value, b"\r\n")
+    if b"server" not in relayed_own:
+        out.append(b"Server: forklb\r\n")
+    if b"date" not in relayed_own:
+        out += (b"Date: ", date, b"\r\n")
+    out.append(b"Connection: upgrade\r\n\r\n")
+    return b"".join(out)
+
+
+def _relay_tunnel(conn: ClientConnection, ex: Exchange, rt: LocationRuntime,
+                  sock: socket.socket, resp: ResponseHead) -> None:
+    """Relay the 101 head, then bytes both ways until one side closes or both are
+    idle for proxy_read_timeout (nginx's upgraded mode); the connection then ends."""
+    ex.status = 101
+    conn.must_close = True
+    head = tunnel_head(resp, rt, conn.worker.date.now())
+    conn.send(head)
+    to_client = pipe(conn.sock, sock, first_down=resp.upgrade_rest or b"",
+                     first_up=ex.upgrade_tail or b"", idle_timeout=rt.read_timeout,
+                     send_timeout=rt.send_timeout)
+    ex.body_bytes_sent = to_client
+    ex.bytes_sent = len(head) + to_client
+
+
+def pipe(client: socket.socket, upstream: socket.socket, first_down: bytes, first_up: bytes,
+         idle_timeout: float, send_timeout: float) -> int:
+    """Copy bytes between ``client`` and ``upstream`` until either closes, fails
+    or nothing moves for ``idle_timeout``; returns the bytes sent to the client.
+
+    One greenlet waits on both sockets; a write blocks reading the other way,
+    which is the back-pressure a slow reader should get (bounded by
+    ``send_timeout``).  ``first_*`` are bytes read along with the heads.
+    """
+    from gevent.select import select  # the worker's hub (this module is worker-only)
+
+    down = 0
+    client.settimeout(send_timeout)
+    upstream.settimeout(send_timeout)
+    try:
+        if first_down:
+            client.sendall(first_down)
+            down += len(first_down)
+        if first_up:
+            upstream.sendall(first_up)
+        both = [client, upstream]
+        while True:
+            readable, _, _ = select(both, [], [], idle_timeout)
+            if not readable:
+                return down  # idle for proxy_read_timeout
+            for src in readable:
+                data = src.recv(RECV_SIZE)
+                if not data:
+                    return down
+                if src is upstream:
+                    client.sendall(data)
+                    down += len(data)
+                else:
+                    upstream.sendall(data)
+    except OSError:  # a reset, a timeout: the tunnel is over either way
+        return down
 
 
 def _strip_listed(head: bytes, listed: frozenset[bytes]) -> bytes:

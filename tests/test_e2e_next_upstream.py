@@ -1,0 +1,295 @@
+"""proxy_next_upstream, _tries and _timeout end to end, compared with Debian's nginx.
+
+Backends are real processes (tests/backend_server.py) answering a fixed status and
+body. ``server A max_fails=0; server B backup;`` makes every request try A first
+and B only as the next upstream, so each outcome is deterministic. The access log
+(``$upstream_addr``, ``$upstream_status``) shows which peers a request tried.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+
+import pytest
+from harness import free_port, http_request, wait_for
+
+FORKLB = """
+worker_processes 1;
+events {{ }}
+http {{
+    log_format up '$status "$upstream_addr" "$upstream_status"';
+    access_log logs/up.log up;
+{block}
+}}
+"""
+
+BLOCK = """
+    upstream app {{ {servers} }}
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{
+            proxy_pass http://app;
+            proxy_http_version 1.1;
+            {directives}
+        }}
+    }}
+"""
+
+
+def _servers(*entries: str) -> str:
+    return " ".join(f"server {e};" for e in entries)
+
+
+def _forklb(forklb_factory, servers: str, directives: str):
+    port = free_port()
+    block = BLOCK.format(servers=servers, port=port, directives=directives)
+    lb = forklb_factory(FORKLB.format(block=block))
+    lb.start(wait_ports=[port], workers=1)
+    return lb, port
+
+
+def _nginx(nginx_backend_factory, servers: str, directives: str, log=None) -> int:
+    """Debian's nginx as the balancer, with the same upstream and location (and the
+    same access log format, written to ``log``, a path)."""
+    port = free_port()
+    fmt = ""
+    if log is not None:
+        fmt = "log_format up '$status \"$upstream_addr\" \"$upstream_status\"';"
+        directives += f" access_log {log} up;"
+    nginx_backend_factory("unused", extra_servers=fmt + BLOCK.format(
+        servers=servers, port=port, directives=directives))
+    return port
+
+
+def _log_lines(lb, count: int) -> list[str]:
+    """The first ``count`` access log lines (the log is flushed every second)."""
+    path = lb.path("logs/up.log")
+    wait_for(lambda: path.exists() and len(path.read_text().splitlines()) >= count, 10,
+             message=lambda: f"access log: {path.read_text() if path.exists() else '-'}")
+    return path.read_text().splitlines()[:count]
+
+
+def _outcome(port: int, method: str = "GET") -> tuple[int, str]:
+    r = http_request(port, "/", method=method)
+    return r.status, r.text.strip()
+
+
+@pytest.fixture
+def named(py_backend_factory):
+    """``named(name, status)`` -> a started backend answering ``status`` with body ``name``."""
+    return lambda name, status=200: py_backend_factory("name", name=name, status=status)
+
+
+def test_503_goes_to_next_when_listed_same_as_nginx(forklb_factory, nginx_backend_factory,
+                                                    named):
+    a, b = named("a", 503), named("b")
+    servers = _servers(f"127.0.0.1:{a.port} max_fails=0", f"127.0.0.1:{b.port} backup")
+    listed = "proxy_next_upstream error timeout http_503;"
+    lb, port = _forklb(forklb_factory, servers, listed)
+    assert [_outcome(port) for _ in range(3)] == [(200, "b")] * 3
+    ngx = _nginx(nginx_backend_factory, servers, listed)
+    assert _outcome(ngx) == (200, "b")
+    line = _log_lines(lb, 1)[0]
+    assert line == f'200 "127.0.0.1:{a.port}, 127.0.0.1:{b.port}" "503, 200"'
+
+
+def test_503_passed_through_when_not_listed(forklb_factory, nginx_backend_factory, named):
+    a, b = named("a", 503), named("b")
+    servers = _servers(f"127.0.0.1:{a.port} max_fails=0", f"127.0.0.1:{b.port} backup")
+    lb, port = _forklb(forklb_factory, servers, "")
+    assert _outcome(port) == (503, "a")
+    assert _outcome(_nginx(nginx_backend_factory, servers, "")) == (503, "a")
+
+
+def test_last_try_passes_the_upstream_response_with_its_body(forklb_factory,
+                                                             nginx_backend_factory, named):
+    a, b = named("a-down", 503), named("b-down", 503)
+    servers = _servers(f"127.0.0.1:{a.port} max_fails=0", f"127.0.0.1:{b.port} backup")
+    listed = "proxy_next_upstream http_503;"
+    lb, port = _forklb(forklb_factory, servers, listed)
+    r = http_request(port, "/")
+    assert (r.status, r.text, r.header("x-backend")) == (503, "b-down\n", "b-down")
+    assert _outcome(_nginx(nginx_backend_factory, servers, listed)) == (503, "b-down")
+    assert _log_lines(lb, 1)[0].endswith('"503, 503"')
+
+
+def test_tries_limit(forklb_factory, nginx_backend_factory, named, tmp_path):
+    backends = [named(f"s{i}", 503) for i in range(4)]
+    servers = _servers(*(f"127.0.0.1:{b.port} max_fails=0" for b in backends))
+    listed = "proxy_next_upstream http_503; proxy_next_upstream_tries 2;"
+    lb, port = _forklb(forklb_factory, servers, listed)
+    assert _outcome(port)[0] == 503
+    assert _log_lines(lb, 1)[0].endswith('"503, 503"')  # two tries, not four
+    nginx_log = tmp_path / "nginx-up.log"
+    assert _outcome(_nginx(nginx_backend_factory, servers, listed, log=nginx_log))[0] == 503
+    assert nginx_log.read_text().endswith('"503, 503"\n')
+
+
+def test_without_tries_limit_every_peer_once(forklb_factory, named):
+    backends = [named(f"s{i}", 503) for i in range(3)]
+    servers = _servers(*(f"127.0.0.1:{b.port} max_fails=0" for b in backends))
+    lb, port = _forklb(forklb_factory, servers, "proxy_next_upstream http_503;")
+    assert _outcome(port)[0] == 503
+    line = _log_lines(lb, 1)[0]
+    assert line.endswith('"503, 503, 503"')
+    assert sorted(line.split('"')[1].split(", ")) == sorted(f"127.0.0.1:{b.port}"
+                                                              for b in backends)
+
+
+def test_timeout_limit_from_the_first_attempt(forklb_factory, nginx_backend_factory, named,
+                                              tmp_path):
+    """Each peer answers 503 after 1 s; with a 1.5 s limit the second answer is the last."""
+    backends = [named(f"s{i}", 503) for i in range(4)]
+    servers = _servers(*(f"127.0.0.1:{b.port} max_fails=0" for b in backends))
+    listed = "proxy_next_upstream http_503; proxy_next_upstream_timeout 1500ms;"
+    lb, port = _forklb(forklb_factory, servers, listed)
+    r = http_request(port, "/?__delay=1", timeout=30)
+    assert r.status == 503
+    assert _log_lines(lb, 1)[0].endswith('"503, 503"')
+    nginx_log = tmp_path / "nginx-up.log"
+    ngx = _nginx(nginx_backend_factory, servers, listed, log=nginx_log)
+    assert http_request(ngx, "/?__delay=1", timeout=30).status == 503
+    assert nginx_log.read_text().endswith('"503, 503"\n')
+
+
+@pytest.mark.parametrize("listed, expected", [
+    ("proxy_next_upstream http_503;", (503, "a")),
+    ("proxy_next_upstream http_503 non_idempotent;", (200, "b")),
+])
+def test_post_retried_only_with_non_idempotent(forklb_factory, nginx_backend_factory, named,
+                                               listed, expected):
+    a, b = named("a", 503), named("b")
+    servers = _servers(f"127.0.0.1:{a.port} max_fails=0", f"127.0.0.1:{b.port} backup")
+    lb, port = _forklb(forklb_factory, servers, listed)
+    assert _outcome(port, "POST") == expected
+    assert _outcome(port, "GET") == (200, "b")  # GET is retried either way
+    assert _outcome(_nginx(nginx_backend_factory, servers, listed), "POST") == expected
+
+
+def test_refused_post_is_retried_and_error_must_be_listed(forklb_factory, named):
+    dead = free_port()  # nothing listens: connect() is refused, nothing was sent
+    b = named("b")
+    servers = _servers(f"127.0.0.1:{dead} max_fails=0", f"127.0.0.1:{b.port} backup")
+    lb, port = _forklb(forklb_factory, servers, "")
+    assert _outcome(port, "POST") == (200, "b")
+    lb2, port2 = _forklb(forklb_factory, servers, "proxy_next_upstream http_503;")
+    assert _outcome(port2, "GET")[0] == 502  # error not listed: not retried
+
+
+@pytest.mark.parametrize("listed, expected", [
+    ("", (404, "a")),
+    ("proxy_next_upstream http_404;", (200, "b")),
+])
+def test_404_retried_only_when_listed(forklb_factory, nginx_backend_factory, named, listed,
+                                      expected):
+    a, b = named("a", 404), named("b")
+    servers = _servers(f"127.0.0.1:{a.port} max_fails=0", f"127.0.0.1:{b.port} backup")
+    lb, port = _forklb(forklb_factory, servers, listed)
+    assert _outcome(port) == expected
+    assert _outcome(_nginx(nginx_backend_factory, servers, listed)) == expected
+
+
+@pytest.mark.parametrize("status, counted", [(503, True), (429, True), (404, False)])
+def test_max_fails_counts_5xx_and_429_not_404(forklb_factory, nginx_backend_factory, named,
+                                              tmp_path, status, counted):
+    """After a retried 503/429, A is out for fail_timeout; after a retried 404 it is not."""
+    a, b = named("a", status), named("b")
+    servers = _servers(f"127.0.0.1:{a.port} max_fails=1 fail_timeout=60s",
+                       f"127.0.0.1:{b.port} backup")
+    listed = f"proxy_next_upstream http_{status};"
+    lb, port = _forklb(forklb_factory, servers, listed)
+    nginx_log = tmp_path / "nginx-up.log"
+    ngx = _nginx(nginx_backend_factory, servers, listed, log=nginx_log)
+    for balancer_port in (port, ngx):
+        assert _outcome(balancer_port) == (200, "b")
+        assert _outcome(balancer_port) == (200, "b")
+    second = _log_lines(lb, 2)[1]
+    tried_a = f"127.0.0.1:{a.port}" in second
+    assert tried_a is not counted, second
+    assert nginx_log.read_text().splitlines()[1] == second  # nginx: the same peers tried
+
+
+def test_post_body_that_came_with_the_head_is_sent_again(forklb_factory, nginx_backend_factory,
+                                                         named, py_backend_factory):
+    """A small body arrives with the request head: forklb keeps it and can replay it, as
+    nginx replays its buffered bodies."""
+    a, echo = named("a", 503), py_backend_factory("echo", name="echo")
+    servers = _servers(f"127.0.0.1:{a.port} max_fails=0", f"127.0.0.1:{echo.port} backup")
+    listed = "proxy_next_upstream http_503 non_idempotent;"
+    lb, port = _forklb(forklb_factory, servers, listed)
+    for balancer_port in (port, _nginx(nginx_backend_factory, servers, listed)):
+        r = http_request(balancer_port, "/", method="POST", body=b"payload=1")
+        assert r.status == 200
+        assert (r.json()["backend"], r.json()["body"]) == ("echo", "payload=1")
+
+
+class GarbageBackend:
+    """Reads a request and answers a response head with a malformed header line."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.sock.settimeout(0.05)
+        self.port = self.sock.getsockname()[1]
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            with conn:
+                conn.settimeout(5)
+                try:
+                    conn.recv(65536)
+                    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nBad\x01Header\r\n\r\nok")
+                except OSError:
+                    pass
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self.sock.close()
+
+
+@pytest.fixture
+def garbage():
+    backend = GarbageBackend()
+    yield backend
+    backend.stop()
+
+
+@pytest.mark.parametrize("listed, expected", [
+    ("", (502, None)),
+    ("proxy_next_upstream invalid_header;", (200, "b")),
+])
+def test_invalid_header_retried_only_when_listed(forklb_factory, nginx_backend_factory,
+                                                 named, garbage, listed, expected):
+    b = named("b")
+    servers = _servers(f"127.0.0.1:{garbage.port} max_fails=0", f"127.0.0.1:{b.port} backup")
+    lb, port = _forklb(forklb_factory, servers, listed)
+    status, body = _outcome(port)
+    assert status == expected[0]
+    if expected[1]:
+        assert body == expected[1]
+    assert "upstream sent invalid header" in lb.error_log()
+    assert _outcome(_nginx(nginx_backend_factory, servers, listed))[0] == expected[0]
+
+
+@pytest.mark.parametrize("listed, statuses", [
+    ("", '"504, 504"'),  # default error timeout: the backup is tried too
+    ("proxy_next_upstream error;", '"504"'),
+])
+def test_timeout_retried_only_when_listed(forklb_factory, named, listed, statuses):
+    a, b = named("a"), named("b")
+    servers = _servers(f"127.0.0.1:{a.port} max_fails=0", f"127.0.0.1:{b.port} backup")
+    lb, port = _forklb(forklb_factory, servers, listed + " proxy_read_timeout 1s;")
+    assert http_request(port, "/?__delay=3", timeout=30).status == 504
+    assert _log_lines(lb, 1)[0].endswith(statuses)
