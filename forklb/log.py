@@ -117,3 +117,65 @@ def _prepared(path: str) -> str:
     except OSError as e:
         raise OSError(e.errno, e.strerror, path) from None
     return path
+
+
+# -- access log escaping (ngx_http_log_escape, ngx_escape_json) ----------------
+# Values are str holding bytes as latin-1 (how requests are decoded), so one
+# character is one byte and str.translate does the escaping in C.
+
+def _default_table() -> dict[int, str]:
+    """``escape=default``: ``"``, ``\\``, bytes below 0x20 and from 0x7f on as ``\\xXX``
+    (upper-case hex), as ``ngx_http_log_escape``."""
+    escaped = [*range(0x20), ord('"'), ord("\\"), *range(0x7F, 0x100)]
+    return {b: f"\\x{b:02X}" for b in escaped}
+
+
+def _json_table() -> dict[int, str]:
+    """``escape=json``: ``"`` and ``\\`` backslashed; control bytes as ``\\n \\r \\t \\b
+    \\f`` or ``\\u00XX`` (upper-case hex), as ``ngx_escape_json``.  Bytes from 0x7f on
+    pass unchanged."""
+    table = {b: f"\\u{b:04X}" for b in range(0x20)}
+    table.update({ord("\n"): "\\n", ord("\r"): "\\r", ord("\t"): "\\t", ord("\b"): "\\b",
+                  ord("\f"): "\\f", ord('"'): '\\"', ord("\\"): "\\\\"})
+    return table
+
+
+ESCAPE_TABLES: dict[str, dict[int, str] | None] = {
+    "default": _default_table(), "json": _json_table(), "none": None,
+}
+
+
+def escape_value(value: str, escape: str) -> str:
+    """``value`` as an access log line shows it under ``escape`` (default|json|none)."""
+    table = ESCAPE_TABLES[escape]
+    return value if table is None else value.translate(table)
+
+
+def line_renderer(template, escape: str = "default"):
+    """A function ``render(request) -> str`` for a log_format, built once at load.
+
+    Literal text is copied; every variable's value is escaped.  An empty value
+    shows as ``-`` with ``escape=default`` and as nothing with ``json``/``none``
+    (nginx's ``not_found`` variables).
+    """
+    table = ESCAPE_TABLES[escape]
+    empty = "-" if escape == "default" else ""
+    parts = template.parts
+
+    def render(r) -> str:
+        out = []
+        for part in parts:
+            if isinstance(part, str):
+                out.append(part)
+            else:
+                value = part(r)
+                if not value:
+                    out.append(empty)
+                elif table is None or (value.isascii() and value.isprintable()
+                                        and '"' not in value and "\\" not in value):
+                    out.append(value)  # the common case: nothing to escape
+                else:
+                    out.append(value.translate(table))
+        return "".join(out)
+
+    return render

@@ -117,8 +117,17 @@ class ProxyPass:
 
 @dataclass(frozen=True, slots=True)
 class LogFormat:
+    """``log_format NAME [escape=...] STRING``; ``render`` is built once, at load."""
+
     name: str
     template: Template
+    escape: str = "default"  # default | json | none: how variable values are escaped
+    render: Any = field(default=None, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        from forklb.log import line_renderer
+
+        object.__setattr__(self, "render", line_renderer(self.template, self.escape))
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,6 +161,9 @@ class Location:
     keepalive_requests: int = 1000  # requests on one client connection, then close
     file: str = ""
     line: int = 0
+    send_timeout: float = 60.0  # longest wait for one write to the client to progress
+    # forklb's own: a body must average this many bytes/s after client_body_timeout (0: off)
+    client_body_min_rate: int = 500
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,6 +175,9 @@ class Server:
     client_header_timeout: float = 60.0  # deadline for a whole request header
     file: str = ""
     line: int = 0
+    # (number, size): a request line or header line over size -> 414 / 431, a
+    # header section over number * size -> 431
+    large_client_header_buffers: tuple[int, int] = (4, 8192)
 
 
 @dataclass(frozen=True, slots=True)

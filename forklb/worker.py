@@ -50,6 +50,11 @@ class Listener:
     keepalive_timeout: float
     fallback: Location  # used for access-logging requests rejected before routing
     client_header_timeout: float = 60.0  # the default server's: Host is not known yet
+    # large_client_header_buffers of the default server: longest request or header
+    # line (CRLF included), longest header section
+    header_line_max: int = 8192
+    header_section_max: int = 4 * 8192
+    send_timeout: float = 60.0  # for responses sent before a location is chosen
 
 
 class LocationRuntime:
@@ -215,6 +220,10 @@ class Worker:
             self.listeners[listen.address] = Listener(
                 listen.host, listen.port, vhosts, default.keepalive_timeout, default.locations[-1],
                 default.client_header_timeout,
+                header_line_max=default.large_client_header_buffers[1],
+                header_section_max=(default.large_client_header_buffers[0]
+                                    * default.large_client_header_buffers[1]),
+                send_timeout=default.locations[-1].send_timeout,
             )
 
     def _serve(self) -> None:
@@ -261,7 +270,7 @@ class Worker:
     def access_log(self, ex) -> None:
         loc = ex.location or ex.conn.listener.fallback
         for al in loc.access_log:
-            self.access_files[al.path].write(al.format.template.render(ex, "-") + "\n")
+            self.access_files[al.path].write(al.format.render(ex) + "\n")
 
     # -- stopping --
     def graceful_stop(self) -> None:
