@@ -101,7 +101,13 @@ class AccessLogFile:
     def flush(self) -> None:
         if not self.buffer or self.fd < 0:
             return
-        data = "".join(self.buffer).encode("utf-8", "backslashreplace")
+        text = "".join(self.buffer)
+        try:
+            # Request bytes are held as latin-1 characters: written back as the
+            # same bytes (escape=json/none pass bytes >= 0x80 through, as nginx).
+            data = text.encode("latin-1")
+        except UnicodeEncodeError:  # non-latin-1 literal text from the config
+            data = text.encode("utf-8", "backslashreplace")
         self.buffer.clear()
         self.size = 0
         try:
