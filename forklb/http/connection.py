@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import socket
+import struct
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -32,6 +33,7 @@ if TYPE_CHECKING:
 RECV_SIZE = 65536
 LINGERING_TIME = 5.0  # at most this long reading what a rejected client still sends
 LINGERING_TIMEOUT = 1.0  # ... and only while it keeps sending
+_LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST
 
 
 class ClientGone(Exception):
@@ -367,6 +369,13 @@ class ClientConnection:
                     sent += sock.send(view[sent:])
         except TimeoutError:
             self.worker.log.info(self._context(SEND_TIMED_OUT))
+            # Reset rather than close (nginx's "reset_timedout_connection on"): a
+            # plain close leaves the unsent data and the connection to the kernel,
+            # which a slow reader keeps alive for as long as it likes.
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+            except OSError:
+                pass
             raise ClientGone(SEND_TIMED_OUT) from None
         except OSError as e:
             raise ClientGone(str(e)) from None
