@@ -27,7 +27,7 @@ from typing import Any
 
 from forklb.child import drop_privileges, reset_signals, start_gevent, watch_master
 from forklb.log import AccessLogFile, ErrorLog
-from forklb.model import Config, Location, Server
+from forklb.model import Config, Location, Server, show_address
 from forklb.scoreboard import Scoreboard
 from forklb.upstream.shared import SharedUpstreamState
 
@@ -155,6 +155,7 @@ class Worker:
         import gevent.server  # noqa: F401
         import gevent.socket  # noqa: F401
 
+        import forklb.http.acceptor  # noqa: F401
         import forklb.http.connection  # noqa: F401
         import forklb.http.proxy  # noqa: F401
         import forklb.http.returns  # noqa: F401
@@ -231,7 +232,8 @@ class Worker:
         from gevent import socket
         from gevent.event import Event
         from gevent.pool import Pool
-        from gevent.server import StreamServer
+
+        from forklb.http.acceptor import Acceptor
 
         pool = Pool(self.config.main.worker_connections)
         self.pool = pool
@@ -240,7 +242,8 @@ class Worker:
             if listener is None:
                 continue
             gsock = socket.socket(fileno=sock.detach())
-            server = StreamServer(gsock, self._handler(listener), spawn=pool)
+            server = Acceptor(gsock, self._handler(listener), pool, self.log,
+                              show_address(*address))
             server.max_accept = 4  # small bursts: leave the rest of the backlog to other workers
             server.start()
             self.servers.append(server)
