@@ -42,6 +42,8 @@ class ClientGone(Exception):
 
 # nginx's info-level message when send_timeout expires
 SEND_TIMED_OUT = "client timed out (110: Connection timed out) while sending response to client"
+HEADER_TIMED_OUT = ("client timed out (110: Connection timed out) while reading client "
+                    "request headers")
 BODY_TIMED_OUT = "client timed out (110: Connection timed out) while reading client request body"
 BODY_TOO_SLOW = ("client sent the request body slower than client_body_min_rate "
                  "while reading client request body")
@@ -305,6 +307,8 @@ class ClientConnection:
             data = self._recv(timeout)
             self.idle = False
             if not data:
+                if not waiting_for_new and self.worker.now() >= self.pending[0].header_deadline:
+                    self.worker.log.info(f"{HEADER_TIMED_OUT}, client: {self.remote_addr}")
                 return None
             self._feed(data)
 
