@@ -58,7 +58,7 @@ class Exchange:
         "host", "uri", "args", "path", "server", "location", "proxy_host", "upstream_addr",
         "upstream_status", "upstream_response_time", "content_length", "chunked",
         "header_bytes", "header_bytes_read", "header_deadline",
-        "line_len", "lines_seen", "reject", "body_start",
+        "line_len", "lines_seen", "reject",
     )
 
     def __init__(self, conn: ClientConnection):
@@ -95,7 +95,6 @@ class Exchange:
         self.line_len = 0
         self.lines_seen = 0
         self.reject: tuple[int, str] | None = None  # (status, error log message)
-        self.body_start = 0.0  # when the header was complete: client_body_min_rate's origin
 
     # -- the $variable interface (see forklb.http.variables) --
     @property
@@ -209,7 +208,6 @@ class ClientConnection:
         ex.method_b = p.get_method()
         ex.version = p.get_http_version()
         ex.keep_alive = p.should_keep_alive()
-        ex.body_start = self.worker.now()
         listener = self.listener
         # CRLFs count, as in nginx's buffers: "GET /x HTTP/1.1\r\n", and the empty line
         request_line = len(ex.method_b) + len(ex.target_raw) + 12
@@ -322,6 +320,9 @@ class ClientConnection:
         idle = loc.client_body_timeout if loc is not None else 60.0
         rate = loc.client_body_min_rate if loc is not None else 0
         received = 0
+        # client_body_min_rate counts from when forklb starts reading the body, so a
+        # slow upstream connect is not held against the client.
+        start = self.worker.now()
         while True:
             if ex.body:
                 chunks, ex.body = ex.body, []
@@ -336,7 +337,7 @@ class ClientConnection:
             if rate:
                 # forklb's client_body_min_rate: after client_body_timeout of grace,
                 # each byte received buys 1/rate s more (a trickle is cut off).
-                left = ex.body_start + idle + received / rate - self.worker.now()
+                left = start + idle + received / rate - self.worker.now()
                 if left <= 0:
                     self._body_timed_out(ex, BODY_TOO_SLOW)
                 timeout = min(idle, left)
