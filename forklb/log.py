@@ -10,6 +10,7 @@ No gevent here: the master uses this module too.
 from __future__ import annotations
 
 import os
+import re
 import sys
 import time
 from typing import TextIO
@@ -101,7 +102,13 @@ class AccessLogFile:
     def flush(self) -> None:
         if not self.buffer or self.fd < 0:
             return
-        data = "".join(self.buffer).encode("utf-8", "backslashreplace")
+        text = "".join(self.buffer)
+        try:
+            # Request bytes are held as latin-1 characters: written back as the
+            # same bytes (escape=json/none pass bytes >= 0x80 through, as nginx).
+            data = text.encode("latin-1")
+        except UnicodeEncodeError:  # non-latin-1 literal text from the config
+            data = text.encode("utf-8", "backslashreplace")
         self.buffer.clear()
         self.size = 0
         try:
@@ -117,3 +124,73 @@ def _prepared(path: str) -> str:
     except OSError as e:
         raise OSError(e.errno, e.strerror, path) from None
     return path
+
+
+# -- access log escaping (ngx_http_log_escape, ngx_escape_json) ----------------
+# Values are str holding bytes as latin-1 (how requests are decoded), so one
+# character is one byte and str.translate does the escaping in C.
+
+def _default_table() -> dict[int, str]:
+    """``escape=default``: ``"``, ``\\``, bytes below 0x20 and from 0x7f on as ``\\xXX``
+    (upper-case hex), as ``ngx_http_log_escape``."""
+    escaped = [*range(0x20), ord('"'), ord("\\"), *range(0x7F, 0x100)]
+    return {b: f"\\x{b:02X}" for b in escaped}
+
+
+def _json_table() -> dict[int, str]:
+    """``escape=json``: ``"`` and ``\\`` backslashed; control bytes as ``\\n \\r \\t \\b
+    \\f`` or ``\\u00XX`` (upper-case hex), as ``ngx_escape_json``.  Bytes from 0x7f on
+    pass unchanged."""
+    table = {b: f"\\u{b:04X}" for b in range(0x20)}
+    table.update({ord("\n"): "\\n", ord("\r"): "\\r", ord("\t"): "\\t", ord("\b"): "\\b",
+                  ord("\f"): "\\f", ord('"'): '\\"', ord("\\"): "\\\\"})
+    return table
+
+
+ESCAPE_TABLES: dict[str, dict[int, str] | None] = {
+    "default": _default_table(), "json": _json_table(), "none": None,
+}
+
+
+def escape_value(value: str, escape: str) -> str:
+    """``value`` as an access log line shows it under ``escape`` (default|json|none)."""
+    table = ESCAPE_TABLES[escape]
+    return value if table is None else value.translate(table)
+
+
+# What a value must not contain to be copied as it is (one regex search, in C).
+_NEEDS_ESCAPE = {
+    "default": re.compile(r'[^\x20\x21\x23-\x5b\x5d-\x7e]'),
+    "json": re.compile(r'[\x00-\x1f"\\]'),
+}
+
+
+def line_renderer(template, escape: str = "default"):
+    """A function ``render(request) -> str`` for a log_format, built once at load.
+
+    Literal text is copied; every variable's value is escaped.  An empty value
+    shows as ``-`` with ``escape=default`` and as nothing with ``json``/``none``
+    (nginx's ``not_found`` variables).
+    """
+    table = ESCAPE_TABLES[escape]
+    needs = _NEEDS_ESCAPE[escape].search if table is not None else None
+    empty = "-" if escape == "default" else ""
+    # (literal, None) or (None, getter), so the loop does not test types
+    parts = tuple((p, None) if isinstance(p, str) else (None, p) for p in template.parts)
+
+    def render(r) -> str:
+        out = []
+        for literal, get in parts:
+            if get is None:
+                out.append(literal)
+                continue
+            value = get(r)
+            if not value:
+                out.append(empty)
+            elif needs is None or needs(value) is None:
+                out.append(value)  # the common case: nothing to escape
+            else:
+                out.append(value.translate(table))
+        return "".join(out)
+
+    return render

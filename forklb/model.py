@@ -119,8 +119,17 @@ class ProxyPass:
 
 @dataclass(frozen=True, slots=True)
 class LogFormat:
+    """``log_format NAME [escape=...] STRING``; ``render`` is built once, at load."""
+
     name: str
     template: Template
+    escape: str = "default"  # default | json | none: how variable values are escaped
+    render: Any = field(default=None, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        from forklb.log import line_renderer
+
+        object.__setattr__(self, "render", line_renderer(self.template, self.escape))
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,6 +172,9 @@ class Location:
     sendfile: bool = True
     proxy_intercept_errors: bool = False  # upstream statuses with an error_page get the page
     mime_types: Mapping[str, str] | None = field(default=None, compare=False)  # None: http's
+    send_timeout: float = 60.0  # longest wait for one write to the client to progress
+    # forklb's own: a body must average this many bytes/s after client_body_timeout (0: off)
+    client_body_min_rate: int = 500
 
     @property
     def named(self) -> bool:
@@ -208,6 +220,9 @@ class Server:
     line: int = 0
     named: Mapping[str, Location] = field(default_factory=dict, compare=False)  # "@name"
     tls: Tls | None = None  # None: no ssl_certificate for this server
+    # (number, size): a request line or header line over size -> 414 / 431, a
+    # header section over number * size -> 431
+    large_client_header_buffers: tuple[int, int] = (4, 8192)
 
 
 @dataclass(frozen=True, slots=True)

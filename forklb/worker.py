@@ -27,7 +27,7 @@ from typing import Any
 
 from forklb.child import drop_privileges, reset_signals, start_gevent, watch_master
 from forklb.log import AccessLogFile, ErrorLog
-from forklb.model import Config, Location, Server
+from forklb.model import Config, Location, Server, show_address
 from forklb.scoreboard import Scoreboard
 from forklb.upstream.shared import SharedUpstreamState
 
@@ -51,6 +51,11 @@ class Listener:
     fallback: Location  # used for access-logging requests rejected before routing
     client_header_timeout: float = 60.0  # the default server's: Host is not known yet
     tls: Any = None  # forklb.http.tls.TlsFront on an ssl address
+    # large_client_header_buffers of the default server: longest request or header
+    # line (CRLF included), longest header section
+    header_line_max: int = 8192
+    header_section_max: int = 4 * 8192
+    send_timeout: float = 60.0  # for responses sent before a location is chosen
 
 
 class LocationRuntime:
@@ -182,6 +187,7 @@ class Worker:
         import gevent.server  # noqa: F401
         import gevent.socket  # noqa: F401
 
+        import forklb.http.acceptor  # noqa: F401
         import forklb.http.connection  # noqa: F401
         import forklb.http.internal  # noqa: F401
         import forklb.http.proxy  # noqa: F401
@@ -249,6 +255,10 @@ class Worker:
             self.listeners[listen.address] = Listener(
                 listen.host, listen.port, vhosts, default.keepalive_timeout, default.locations[-1],
                 default.client_header_timeout,
+                header_line_max=default.large_client_header_buffers[1],
+                header_section_max=(default.large_client_header_buffers[0]
+                                    * default.large_client_header_buffers[1]),
+                send_timeout=default.locations[-1].send_timeout,
             )
         self._build_tls()
 
@@ -273,7 +283,8 @@ class Worker:
         from gevent import socket
         from gevent.event import Event
         from gevent.pool import Pool
-        from gevent.server import StreamServer
+
+        from forklb.http.acceptor import Acceptor
 
         pool = Pool(self.config.main.worker_connections)
         self.pool = pool
@@ -282,7 +293,8 @@ class Worker:
             if listener is None:
                 continue
             gsock = socket.socket(fileno=sock.detach())
-            server = StreamServer(gsock, self._handler(listener), spawn=pool)
+            server = Acceptor(gsock, self._handler(listener), pool, self.log,
+                              show_address(*address))
             server.max_accept = 4  # small bursts: leave the rest of the backlog to other workers
             server.start()
             self.servers.append(server)
@@ -318,7 +330,7 @@ class Worker:
     def access_log(self, ex) -> None:
         loc = ex.location or ex.conn.listener.fallback
         for al in loc.access_log:
-            self.access_files[al.path].write(al.format.template.render(ex, "-") + "\n")
+            self.access_files[al.path].write(al.format.render(ex) + "\n")
 
     # -- stopping --
     def graceful_stop(self) -> None:

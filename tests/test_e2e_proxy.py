@@ -184,7 +184,9 @@ def test_malformed_request_gets_400_and_never_reaches_backend(forklb_factory, na
     backend = _Listener()
     lb, port = _start(forklb_factory, [backend.port])
     resp = raw_exchange(port, BAD_REQUESTS[name])
-    assert resp.startswith(b"HTTP/1.1 400"), resp[:200]
+    # large_client_header_buffers: 431 for an over-long header line (nginx: 400)
+    status = b"431" if name == "huge header" else b"400"
+    assert resp.startswith(b"HTTP/1.1 " + status), resp[:200]
     assert b"Connection: close" in resp
     assert not backend.connected()
     # The worker survives and still routes good requests (to a closed backend here: 502).

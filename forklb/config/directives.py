@@ -89,6 +89,12 @@ TABLE: tuple[Spec, ...] = (
           inherit=True),
     _spec("client_header_timeout", [HTTP, SERVER], 1, check="time(default=60s)", inherit=True),
     _spec("client_body_timeout", _HTTP_LEVELS, 1, check="time(default=60s)", inherit=True),
+    # limits (slow clients, oversized headers)
+    _spec("send_timeout", _HTTP_LEVELS, 1, check="time(default=60s)", inherit=True),
+    # forklb's own: a body must keep arriving at this rate on average (0: off)
+    _spec("client_body_min_rate", _HTTP_LEVELS, 1, check="size(default=500)", inherit=True),
+    _spec("large_client_header_buffers", [HTTP, SERVER], 2,
+          check="header_buffers(default=list('4', '8k'))", inherit=True),
     _spec("upstream", [HTTP], 1, block=UPSTREAM, multiple=True),
     _spec("server", [HTTP], 0, block=SERVER, multiple=True),
     # upstream
@@ -376,11 +382,37 @@ def _keepalive_timeout(value):
     return _time(value[0])
 
 
+LOG_ESCAPES = ("default", "json", "none")
+
+
 def _log_format(value):
+    """``log_format NAME [escape=default|json|none] STRING...`` -> (name, text, escape)."""
     name, *parts = value
+    escape = "default"
     if parts and parts[0].startswith("escape="):
+        escape = parts[0][len("escape="):]
+        if escape not in LOG_ESCAPES:
+            raise DirectiveError(f'unknown log format escaping "{escape}"')
         parts = parts[1:]
-    return (name, "".join(parts))
+    return (name, "".join(parts), escape)
+
+
+CONNECTION_POOL_SIZE = 512  # nginx's default on 64-bit systems
+
+
+def _header_buffers(value):
+    """``large_client_header_buffers NUMBER SIZE`` -> (number, size), as
+    ``ngx_conf_set_bufs_slot`` and the server merge check it."""
+    number, size = value
+    if not _DIGITS.fullmatch(number) or int(number) == 0:
+        raise DirectiveError('"{directive}" directive invalid value')
+    nbytes = _size(size)
+    if nbytes == 0:
+        raise DirectiveError('"{directive}" directive invalid value')
+    if nbytes < CONNECTION_POOL_SIZE:
+        raise DirectiveError('the "large_client_header_buffers" size must be equal to or '
+                             'greater than "connection_pool_size"')
+    return (int(number), nbytes)
 
 
 def _access_log(value):
@@ -689,6 +721,7 @@ def make_validator() -> Validator:
         "random_method": _random_method, "try_files": _try_files,
         "error_page": _error_page, "next_upstream": _next_upstream,
         "nginx_number": _nginx_number, "http_version": _http_version,
+        "header_buffers": _header_buffers,
     })
     v.functions["each"] = _occurrences(v)
     v.functions["ssl_protocols"] = _ssl_protocols

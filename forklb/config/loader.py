@@ -212,8 +212,9 @@ class _Builder:
         except UnknownVariable as e:
             raise ConfigError(str(e), d.file if d else None, d.line if d else None) from None
 
-    def _log_format(self, name: str, text: str, d: Directive | None) -> LogFormat:
-        return LogFormat(name, self._template(text, d))
+    def _log_format(self, name: str, text: str, d: Directive | None,
+                    escape: str = "default") -> LogFormat:
+        return LogFormat(name, self._template(text, d), escape)
 
     def main(self) -> Main:
         v = self.root.values
@@ -244,11 +245,11 @@ class _Builder:
         mime: dict[str, str] = {}
         for _d, t in http.blocks("types"):
             mime.update(t.mime_types)
-        for d, (name, text) in zip(http.where.get("log_format", []), http.values["log_format"],
-                                   strict=True):
+        for d, (name, text, escape) in zip(http.where.get("log_format", []),
+                                           http.values["log_format"], strict=True):
             if name in self.log_formats and name != "combined":
                 raise _fail(f'duplicate "log_format" name "{name}"', d)
-            self.log_formats[name] = self._log_format(name, text, d)
+            self.log_formats[name] = self._log_format(name, text, d, escape)
         for d, b in http.blocks("upstream"):
             self.upstream(d, b)
         self.http_access = _access_rules(blocks[0][0], http)
@@ -384,7 +385,8 @@ class _Builder:
         named = {loc.pattern: loc for loc in locations if loc.named}
         return Server(listens, names, tuple(locations), values["keepalive_timeout"],
                       values["client_header_timeout"], d.file, d.line, named,
-                      tls=self._tls(values, where, d))
+                      tls=self._tls(values, where, d),
+                      large_client_header_buffers=values["large_client_header_buffers"])
 
     def _tls(self, values: dict[str, Any], where: Where, d: Directive) -> Tls | None:
         """The server's ssl_* settings; the certificate and key files are loaded now
@@ -502,6 +504,8 @@ class _Builder:
             return_=ret,
             client_max_body_size=values["client_max_body_size"],
             client_body_timeout=values["client_body_timeout"],
+            client_body_min_rate=values["client_body_min_rate"],
+            send_timeout=values["send_timeout"],
             keepalive_requests=values["keepalive_requests"],
             proxy_hide_header=tuple(h.lower() for h in values["proxy_hide_header"]),
             proxy_pass_header=tuple(h.lower() for h in values["proxy_pass_header"]),

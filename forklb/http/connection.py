@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import socket
+import struct
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -30,14 +31,23 @@ from forklb.model import access_allows
 if TYPE_CHECKING:
     from forklb.worker import Listener, LocationRuntime, Worker
 
-MAX_HEADER_BYTES = 32 * 1024
 RECV_SIZE = 65536
 LINGERING_TIME = 5.0  # at most this long reading what a rejected client still sends
 LINGERING_TIMEOUT = 1.0  # ... and only while it keeps sending
+_LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST
 
 
 class ClientGone(Exception):
     """The client closed or reset the connection, or stopped reading."""
+
+
+# nginx's info-level message when send_timeout expires
+SEND_TIMED_OUT = "client timed out (110: Connection timed out) while sending response to client"
+HEADER_TIMED_OUT = ("client timed out (110: Connection timed out) while reading client "
+                    "request headers")
+BODY_TIMED_OUT = "client timed out (110: Connection timed out) while reading client request body"
+BODY_TOO_SLOW = ("client sent the request body slower than client_body_min_rate "
+                 "while reading client request body")
 
 
 class Exchange:
@@ -51,6 +61,7 @@ class Exchange:
         "header_bytes", "header_bytes_read", "header_deadline", "upgrade_tail",
         "redirects", "err_status", "error_paged",  # internal redirects, error_page
         "request_method_b",  # the method as received, once error_page turned it into GET
+        "line_len", "lines_seen", "reject",
     )
 
     def __init__(self, conn: ClientConnection):
@@ -89,6 +100,11 @@ class Exchange:
         # An upgrade request (Connection: upgrade + Upgrade): the bytes that followed
         # its head, which belong to the tunnel if there is one; None otherwise.
         self.upgrade_tail: bytes | None = None
+        # large_client_header_buffers: the header line still arriving (over several
+        # reads) and how many lines ended; a limit broken by a complete header
+        self.line_len = 0
+        self.lines_seen = 0
+        self.reject: tuple[int, str] | None = None  # (status, error log message)
 
     # -- the $variable interface (see forklb.http.variables) --
     @property
@@ -204,6 +220,8 @@ class ClientConnection:
         self.head_tail = b""
         self.body_left = 0
         self.chunks: ChunkScanner | None = None
+        self.send_timeout = listener.send_timeout  # the location's, once one is chosen
+        self.current: Exchange | None = None  # the request being answered, for the log
         ClientConnection.serial_counter += 1
         self.serial = ClientConnection.serial_counter
 
@@ -221,7 +239,10 @@ class ClientConnection:
 
     def on_header(self, name: bytes, value: bytes) -> None:
         ex = self.parsing
-        ex.header_bytes += len(name) + len(value) + 4
+        line = len(name) + len(value) + 4  # "name: value\r\n"
+        ex.header_bytes += line
+        if line > self.listener.header_line_max and ex.reject is None:
+            ex.reject = (431, f'client sent too long header line: "{_shown_line(name, value)}"')
         # nginx's ignore_invalid_headers: "X_Forwarded_For" is dropped, never
         # mistaken for (or forwarded next to) X-Forwarded-For.
         if header_name_allowed(name):
@@ -234,6 +255,14 @@ class ClientConnection:
         ex.method_b = p.get_method()
         ex.version = p.get_http_version()
         ex.keep_alive = p.should_keep_alive()
+        listener = self.listener
+        # CRLFs count, as in nginx's buffers: "GET /x HTTP/1.1\r\n", and the empty line
+        request_line = len(ex.method_b) + len(ex.target_raw) + 12
+        if request_line > listener.header_line_max:
+            ex.reject = (414, "client sent too long URI")
+        elif (ex.reject is None and ex.header_bytes + len(ex.method_b) + 14
+              > listener.header_section_max):
+            ex.reject = (431, "client sent too large request header")
         codings = []
         for name, value in ex.headers:
             lname = name.lower()
@@ -257,8 +286,6 @@ class ClientConnection:
     # -- reading --
     def _feed(self, data: bytes) -> None:
         """Parse ``data``; malformed input becomes an error response and close."""
-        before = self.parsing
-        continuing = before is not None and not before.headers_done
         try:
             self._feed_framed(data)
         except httptools.HttpParserUpgrade as e:
@@ -277,13 +304,33 @@ class ClientConnection:
         ex = self.parsing
         if ex is None:
             return
-        if continuing and ex is before and not ex.headers_done:
-            # A header section still arriving over several reads: this bounds a
-            # header that never ends (complete ones are measured exactly by the
-            # callbacks; the first read's share is not counted, so the bound is loose).
-            ex.header_bytes_read += len(data)
-        if ex.header_bytes > MAX_HEADER_BYTES or ex.header_bytes_read > MAX_HEADER_BYTES:
-            raise BadRequest(400, "client sent too large request header")
+        if not ex.headers_done:
+            self._meter_partial_header(ex, data)
+
+    def _meter_partial_header(self, ex: Exchange, data: bytes) -> None:
+        """large_client_header_buffers for a header still arriving, however it is split
+        into reads: the line in progress and the section so far.
+
+        Complete lines are measured by the callbacks.  Every byte read while the
+        header is unfinished belongs to it, except, in the read where it began, the
+        end of a pipelined request before it (counted too: the bound errs on the
+        strict side only then).
+        """
+        listener = self.listener
+        ex.header_bytes_read += len(data)
+        newline = data.rfind(b"\n")
+        if newline < 0:
+            ex.line_len += len(data)
+        else:
+            ex.lines_seen += data.count(b"\n")
+            ex.line_len = len(data) - newline - 1
+        if len(ex.target_raw) > listener.header_line_max or (
+                ex.lines_seen == 0 and ex.line_len > listener.header_line_max):
+            raise BadRequest(414, "client sent too long URI")
+        if ex.line_len > listener.header_line_max:
+            raise BadRequest(431, "client sent too long header line")
+        if ex.header_bytes_read > listener.header_section_max:
+            raise BadRequest(431, "client sent too large request header")
 
     def _feed_framed(self, data: bytes) -> None:
         """Feed ``data`` to llhttp in pieces cut where framing changes.
@@ -391,6 +438,8 @@ class ClientConnection:
             data = self._recv(timeout)
             self.idle = False
             if not data:
+                if not waiting_for_new and self.worker.now() >= self.pending[0].header_deadline:
+                    self.worker.log.info(f"{HEADER_TIMED_OUT}, client: {self.remote_addr}")
                 return None
             self._feed(data)
 
@@ -399,8 +448,14 @@ class ClientConnection:
 
         A chunked body that grows past ``client_max_body_size`` ends in 413.
         """
-        limit = ex.location.client_max_body_size if ex.location is not None else 0
+        loc = ex.location
+        limit = loc.client_max_body_size if loc is not None else 0
+        idle = loc.client_body_timeout if loc is not None else 60.0
+        rate = loc.client_body_min_rate if loc is not None else 0
         received = 0
+        # client_body_min_rate counts from when forklb starts reading the body, so a
+        # slow upstream connect is not held against the client.
+        start = self.worker.now()
         while True:
             if ex.body:
                 chunks, ex.body = ex.body, []
@@ -411,17 +466,67 @@ class ClientConnection:
                     yield data
             if ex.complete:
                 return
-            data = self._recv(ex.location.client_body_timeout if ex.location else 60.0)
+            timeout = idle
+            if rate:
+                # forklb's client_body_min_rate: after client_body_timeout of grace,
+                # each byte received buys 1/rate s more (a trickle is cut off).
+                left = start + idle + received / rate - self.worker.now()
+                if left <= 0:
+                    self._body_timed_out(ex, BODY_TOO_SLOW)
+                timeout = min(idle, left)
+            self.sock.settimeout(timeout)
+            try:
+                data = self.sock.recv(RECV_SIZE)
+            except TimeoutError:
+                if timeout < idle:
+                    self._body_timed_out(ex, BODY_TOO_SLOW)
+                self._body_timed_out(ex, BODY_TIMED_OUT)
+            except OSError:
+                data = b""
             if not data:
                 raise ClientGone("client closed the connection while sending the body")
             self._feed(data)
 
+    def _body_timed_out(self, ex: Exchange, message: str) -> None:
+        """408 and close (HAProxy's answer; nginx closes without one)."""
+        ex.status = 408
+        ex.keep_alive = False
+        raise BadRequest(408, message)
+
     # -- writing --
     def send(self, data: bytes) -> None:
+        """Write ``data``; each write must progress within ``send_timeout`` (nginx's
+        "between two successive write operations"), else the connection is closed."""
+        sock = self.sock
+        sock.settimeout(self.send_timeout)
         try:
-            protocol.send_all(self.sock, data)
+            sent = sock.send(data)
+            if sent < len(data):
+                view = memoryview(data)
+                while sent < len(data):
+                    sent += sock.send(view[sent:])
+        except TimeoutError:
+            self.worker.log.info(self._context(SEND_TIMED_OUT))
+            # Reset rather than close (nginx's "reset_timedout_connection on"): a
+            # plain close leaves the unsent data and the connection to the kernel,
+            # which a slow reader keeps alive for as long as it likes.
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+            except OSError:
+                pass
+            raise ClientGone(SEND_TIMED_OUT) from None
         except OSError as e:
             raise ClientGone(str(e)) from None
+
+    def _context(self, message: str) -> str:
+        """nginx's error context for the request being answered."""
+        text = f"{message}, client: {self.remote_addr}"
+        ex = self.current
+        if ex is not None:
+            text += f', server: {ex.server_name}, request: "{ex.request_line}"'
+            if ex.host:
+                text += f', host: "{ex.host}"'
+        return text
 
     def respond_simple(self, ex: Exchange, status: int, body: bytes | None = None,
                        content_type: bytes = b"text/html",
@@ -497,6 +602,16 @@ class ClientConnection:
                 return
 
     def handle(self, ex: Exchange) -> None:
+        self.current = ex
+        if ex.reject is not None:
+            status, message = ex.reject
+            self.worker.log.info(f"{message} while reading client request headers, "
+                                 f"client: {self.remote_addr}")
+            ex.keep_alive = False
+            self.must_close = True
+            self.respond_simple(ex, status)
+            self.worker.access_log(ex)
+            return
         try:
             self._route(ex)
         except BadRequest as e:
@@ -506,6 +621,7 @@ class ClientConnection:
             self.worker.access_log(ex)
             return
         runtime: LocationRuntime = self.worker.locations[id(ex.location)]
+        self.send_timeout = ex.location.send_timeout
         try:
             if ex.location.access and not access_allows(ex.location.access, self.remote_addr):
                 self.worker.log.error(f"access forbidden by rule, client: {self.remote_addr}, "
@@ -568,6 +684,11 @@ class _BodyOnly:
 
     def on_message_complete(self) -> None:
         self.ex.complete = True
+
+
+def _shown_line(name: bytes, value: bytes) -> str:
+    """The start of an over-long header line, as nginx logs it."""
+    return (name + b": " + value)[:128].decode("latin-1") + "..."
 
 
 class BadRequest(Exception):

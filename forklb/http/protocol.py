@@ -45,7 +45,13 @@ def send_all(sock, data: bytes) -> None:
         sock.sendall(memoryview(data)[sent:])
 
 
+# nginx's wording where Python's differs
+_NGINX_REASONS = {414: b"Request-URI Too Large"}
+
+
 def reason(status: int) -> bytes:
+    if status in _NGINX_REASONS:
+        return _NGINX_REASONS[status]
     try:
         return HTTPStatus(status).phrase.encode()
     except ValueError:
