@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 import httptools
 
 from forklb.http import protocol
-from forklb.http.routing import BadPath, normalize_path, split_host
+from forklb.http.routing import BadHost, BadPath, normalize_path, split_host
 from forklb.model import access_allows
 
 if TYPE_CHECKING:
@@ -412,7 +412,10 @@ class ClientConnection:
             ex.uri = normalize_path(path.decode("latin-1"))
         except BadPath:
             raise BadRequest(400, "client sent invalid request path") from None
-        host = split_host(host_header.decode("latin-1")) if host_header else ""
+        try:
+            host = split_host(host_header.decode("latin-1")) if host_header is not None else ""
+        except BadHost:
+            raise BadRequest(400, "client sent invalid host header") from None
         server = self.listener.vhosts.select(host)
         ex.server = server
         ex.host = host or (server.names[0] if server.names else "")

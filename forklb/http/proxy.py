@@ -102,14 +102,23 @@ class ResponseHead:
 def request_head(ex: Exchange, rt: LocationRuntime, uri: bytes) -> bytes:
     """The request line and headers sent upstream for ``ex``."""
     lines = [ex.method_b, b" ", uri, b" HTTP/1.1\r\n"]
-    if not rt.sets_host:
-        lines += (b"Host: ", ex.proxy_host.encode("latin-1"), b"\r\n")
+    # nginx's order: proxy_set_header lines as configured, then its defaults
+    # (Host, Connection, framing), then the client's own headers.
     for name, template, literal in rt.set_headers:
         value = literal if literal is not None else template.render(ex).encode("latin-1")
         if value:
             lines += (name, b": ", value, b"\r\n")
+    if not rt.sets_host:
+        lines += (b"Host: ", ex.proxy_host.encode("latin-1"), b"\r\n")
+    if not rt.group.keepalive:
+        lines.append(b"Connection: close\r\n")
+    if ex.chunked:
+        lines.append(b"Transfer-Encoding: chunked\r\n")
+    elif ex.content_length is not None:
+        lines.append(b"Content-Length: %d\r\n" % ex.content_length)
     skip = rt.overridden
     connection_listed = None
+    start = len(lines)
     for name, value in ex.headers:
         lname = name.lower()
         if lname in protocol.HOP_BY_HOP_REQUEST or lname in skip:
@@ -118,13 +127,10 @@ def request_head(ex: Exchange, rt: LocationRuntime, uri: bytes) -> bytes:
             continue
         lines += (name, b": ", value, b"\r\n")
     if connection_listed:
-        lines = [_strip_listed(b"".join(lines), connection_listed)]
-    if ex.chunked:
-        lines.append(b"Transfer-Encoding: chunked\r\n")
-    elif ex.content_length is not None:
-        lines.append(b"Content-Length: %d\r\n" % ex.content_length)
-    if not rt.group.keepalive:
-        lines.append(b"Connection: close\r\n")
+        # Only the client's own headers go by the names its Connection lists; the
+        # leading CRLF stands in for the first line _strip_listed keeps.
+        own = _strip_listed(b"\r\n" + b"".join(lines[start:]), connection_listed)
+        lines[start:] = [own[2:]]
     lines.append(b"\r\n")
     return b"".join(lines)
 

@@ -153,9 +153,28 @@ class VirtualHosts(Generic[S]):
         return self.default
 
 
+class BadHost(ValueError):
+    """The ``Host`` value is not a valid host (nginx: "client sent invalid host header")."""
+
+
+_BAD_HOST = re.compile(r"\.\.|[/\x00-\x20\x7f]")
+
+
 def split_host(value: str) -> str:
-    """``Host`` header value to the lower-case name nginx matches (no port)."""
+    """``Host`` header value to the lower-case name nginx matches (no port).
+
+    As ``ngx_http_validate_host``: ``..``, ``/``, controls and spaces are refused,
+    one trailing dot is dropped, and nothing left (``""``, ``.``) is refused.
+    """
+    if _BAD_HOST.search(value):
+        raise BadHost(value)
     if value.startswith("["):
         end = value.find("]")
-        return value[: end + 1].lower() if end > 0 else value.lower()
-    return value.split(":", 1)[0].lower().rstrip(".")
+        host = value[: end + 1].lower() if end > 0 else value.lower()
+    else:
+        host = value.split(":", 1)[0].lower()
+        if host.endswith("."):
+            host = host[:-1]
+    if not host:
+        raise BadHost(value)
+    return host

@@ -1,0 +1,243 @@
+"""Differential suite: the same config and the same raw requests, nginx 1.22 vs forklb.
+
+Each config runs once per module in both proxies (see ``tests/differential.py``), in
+front of the same recording backends (``tests/backend_server.py`` in echo mode). Every
+case compares the status, what the backend saw (which backend, method, raw target,
+every header in order, body length and sha256), the body and selected response
+headers. Known, deliberate differences are listed in ``docs/NGINX-DIFFERENCES.md``;
+the cases touching them assert forklb's documented behaviour.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+from differential import (
+    Blackhole,
+    DiffPair,
+    Seen,
+    request,
+    seen,
+)
+from harness import HangupBackend, PyBackend, Response, free_port
+
+# Response headers compared as they are (Server and Date are each proxy's own).
+COMPARED_RESPONSE_HEADERS = ("content-type", "x-backend", "location", "content-length")
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def backends(tmp_path_factory) -> Iterator[dict[str, int]]:
+    """Two recording backends (B1, B2), a refused port (DEAD), a blackhole (HOLE) and
+    a backend that reads the request and closes without answering (HANG)."""
+    tmp = tmp_path_factory.mktemp("backends")
+    b1 = PyBackend(tmp, "echo", name="b1").start()
+    b2 = PyBackend(tmp, "echo", name="b2").start()
+    hole = Blackhole()
+    hang = HangupBackend(reset=False)
+    try:
+        yield {"B1": b1.port, "B2": b2.port, "DEAD": free_port(), "HOLE": hole.port,
+               "HANG": hang.port, "_hang": hang}  # type: ignore[dict-item]
+    finally:
+        hang.stop()
+        hole.stop()
+        b2.stop()
+        b1.stop()
+
+
+def _pair(tmp_path_factory, backends, template: str, nports: int) -> Iterator[DiffPair]:
+    listen = [free_port() for _ in range(nports)]
+    values = {k: v for k, v in backends.items() if not k.startswith("_")}
+    values.update({f"P{i + 1}": p for i, p in enumerate(listen)})
+    pair = DiffPair(tmp_path_factory.mktemp("pair"), template, values, listen).start()
+    try:
+        yield pair
+    finally:
+        pair.stop()
+
+
+# --------------------------------------------------------------------------- comparison
+
+
+def _norm_headers(headers: list[tuple[str, str]] | None) -> list[tuple[str, str]] | None:
+    """Header names lower-cased (HTTP names are case-insensitive, RFC 9110 5.1)."""
+    if headers is None:
+        return None
+    return [(k.lower(), v) for k, v in headers]
+
+
+def _error_body(body: bytes) -> bytes:
+    """Built-in error pages differ only in the server token (docs/NGINX-DIFFERENCES.md)."""
+    return body.replace(b"nginx/1.22.1", b"SERVER").replace(b"forklb", b"SERVER")
+
+
+def _view(s: Seen) -> dict:
+    r = s.response
+    return {
+        "status": s.status,
+        "backend": s.backend,
+        "method": s.method,
+        "target": s.target,
+        "headers": _norm_headers(s.headers),
+        "body_len": s.body_len,
+        "body_sha256": s.body_sha256,
+        "response_headers": {h: r.header_list(h) for h in COMPARED_RESPONSE_HEADERS
+                             if not (s.backend is None and h == "content-length")},
+        "body": None if s.backend is not None else _error_body(r.body),
+    }
+
+
+def compare(pair_result: tuple[Response | Exception, Response | Exception]) -> Seen:
+    """Assert nginx's and forklb's answers are the same; return nginx's view."""
+    n, f = pair_result
+    assert isinstance(n, Response), f"nginx gave no response: {n!r}"
+    assert isinstance(f, Response), f"forklb gave no response: {f!r} (nginx: {n!r})"
+    sn, sf = seen(n), seen(f)
+    assert _view(sf) == _view(sn)
+    return sn
+
+
+def header(s: Seen, name: str) -> list[str]:
+    """Values of request header ``name`` as the backend saw it."""
+    return [v for k, v in s.headers or [] if k.lower() == name.lower()]
+
+
+# --------------------------------------------------------------------------- routing
+
+
+def _loc(spec: str, tag: str) -> str:
+    return (f'        location {spec} {{ proxy_pass http://127.0.0.1:@B1@; '
+            f'proxy_set_header X-Route "{tag}"; proxy_set_header Connection ""; }}\n')
+
+
+def _server(port: str, names: str | None, tag: str, locs: str = "",
+            default: bool = False) -> str:
+    listen = f"listen @ADDR@:@{port}@{' default_server' if default else ''};"
+    name = f"server_name {names};" if names is not None else ""
+    return f"    server {{\n        {listen} {name}\n{_loc('/', tag)}{locs}    }}\n"
+
+
+ROUTING = "".join([
+    _server("P1", "first.test", "first"),
+    _server("P1", "example.com www.example.com", "root", "".join([
+        _loc("= /", "exact-root"),
+        _loc("/docs/", "docs"),
+        _loc("/docs/api/", "docs-api"),
+        _loc("^~ /static/", "static"),
+        _loc("/img/", "img"),
+        _loc(r"~ \.png$", "png"),
+        _loc(r"~* \.JPG$", "jpg"),
+        _loc("~ ^/re/a", "re-a"),
+        _loc("~ ^/re/", "re-any"),
+        _loc("= /exact", "exact"),
+        _loc("/exact", "exact-prefix"),
+        _loc("/pre", "pre"),
+        _loc("/pre/longer", "pre-longer"),
+    ])),
+    _server("P1", "www.example.org", "exact-org"),
+    _server("P1", "*.example.org", "wild-org"),
+    _server("P1", "*.sub.example.org", "wild-sub"),
+    _server("P1", "www.example.*", "tail-www"),
+    _server("P1", "*.example.net", "wild-net"),
+    _server("P1", ".dot.net", "dot"),
+    _server("P1", r"~^r(\d+)\.regex\.com$", "regex-1"),
+    _server("P1", r"~^r1", "regex-2"),
+    _server("P1", r"~^www\.", "regex-www"),
+    _server("P1", '""', "empty-name"),
+    _server("P1", "zdefault.test", "default", default=True),
+    _server("P2", "example.com", "p2-first"),
+    _server("P2", "p2.test", "p2-other"),
+])
+
+
+@pytest.fixture(scope="module")
+def routing(tmp_path_factory, backends) -> Iterator[DiffPair]:
+    yield from _pair(tmp_path_factory, backends, ROUTING, 2)
+
+
+@dataclass(frozen=True)
+class Case:
+    """One request: raw bytes, listening port index, what nginx is expected to do."""
+
+    id: str
+    raw: bytes
+    expect: str | int  # X-Route tag, or a status when the backend is not reached
+    port: int = 0
+
+
+def _get(target: str, host: str | None = "example.com", headers=None) -> bytes:
+    return request("GET", target, headers, host=host)
+
+
+ROUTING_CASES = [
+    # server_name
+    Case("exact-name", _get("/", "www.example.com"), "exact-root"),
+    Case("exact-beats-wildcard", _get("/x", "www.example.org"), "exact-org"),
+    Case("leading-wildcard", _get("/x", "a.example.org"), "wild-org"),
+    Case("longest-leading-wildcard", _get("/x", "a.sub.example.org"), "wild-sub"),
+    Case("trailing-wildcard", _get("/x", "www.example.io"), "tail-www"),
+    Case("leading-beats-trailing", _get("/x", "www.example.net"), "wild-net"),
+    Case("dot-name-bare", _get("/x", "dot.net"), "dot"),
+    Case("dot-name-sub", _get("/x", "a.b.dot.net"), "dot"),
+    Case("regex-first-in-order", _get("/x", "r1.regex.com"), "regex-1"),
+    Case("regex-second", _get("/x", "r1x.regex.com"), "regex-2"),
+    Case("wildcards-beat-regex", _get("/x", "www.other.io"), "regex-www"),
+    Case("unknown-host-default-server", _get("/x", "nowhere.test"), "default"),
+    Case("first-server-by-name", _get("/x", "first.test"), "first"),
+    Case("no-host-http10", b"GET /x HTTP/1.0\r\n\r\n", "empty-name"),
+    Case("empty-host-header", _get("/x", ""), 400),
+    Case("dot-host-header", _get("/x", "."), 400),
+    Case("double-dot-host", _get("/x", "a..example.org"), 400),
+    Case("slash-in-host", _get("/x", "a/b"), 400),
+    Case("space-in-host", _get("/x", "a b"), 400),
+    Case("host-with-port", _get("/x", "example.com:8080"), "root"),
+    Case("uppercase-host", _get("/x", "WWW.EXAMPLE.COM"), "root"),
+    Case("trailing-dot-host", _get("/x", "example.com."), "root"),
+    Case("absolute-form-wins-over-host", _get("http://www.example.org/x", "example.com"),
+         "exact-org"),
+    Case("absolute-form-uppercase", _get("http://WWW.Example.ORG:81/x", "example.com"),
+         "exact-org"),
+    Case("port2-name", _get("/x", "example.com"), "p2-first", port=1),
+    Case("port2-unknown-first", _get("/x", "zdefault.test"), "p2-first", port=1),
+    Case("port2-name-other", _get("/x", "p2.test"), "p2-other", port=1),
+    Case("port1-ignores-port2-names", _get("/x", "p2.test"), "default"),
+    # location
+    Case("location-exact-root", _get("/"), "exact-root"),
+    Case("location-root-prefix", _get("/other"), "root"),
+    Case("location-prefix", _get("/docs/x"), "docs"),
+    Case("location-longest-prefix", _get("/docs/api/x"), "docs-api"),
+    Case("location-exact", _get("/exact"), "exact"),
+    Case("location-exact-then-prefix", _get("/exactly"), "exact-prefix"),
+    Case("location-exact-with-query", _get("/exact?a=1"), "exact"),
+    Case("location-prefix-no-slash", _get("/prefix"), "pre"),
+    Case("location-prefix-longer", _get("/pre/longer/x"), "pre-longer"),
+    Case("location-caret-tilde-skips-regex", _get("/static/a.png"), "static"),
+    Case("location-regex-beats-prefix", _get("/img/a.png"), "png"),
+    Case("location-regex-case-sensitive", _get("/img/a.PNG"), "img"),
+    Case("location-regex-case-insensitive", _get("/x/a.jpg"), "jpg"),
+    Case("location-regex-first-wins", _get("/re/abc"), "re-a"),
+    Case("location-regex-second", _get("/re/b"), "re-any"),
+    Case("location-regex-after-longest-prefix", _get("/docs/api/a.png"), "png"),
+    Case("uri-percent-decoded", _get("/docs/%61pi/x"), "docs-api"),
+    Case("uri-percent-dot", _get("/img/a%2Epng"), "png"),
+    Case("uri-dot-segment", _get("/static/./a.png"), "static"),
+    Case("uri-dotdot-segment", _get("/img/../docs/api/"), "docs-api"),
+    Case("uri-merged-slashes", _get("//docs//api/"), "docs-api"),
+    Case("uri-encoded-slash", _get("/docs%2Fapi%2Fx"), "docs-api"),
+    Case("uri-dotdot-above-root", _get("/../x"), 400),
+    Case("uri-bad-escape", _get("/a%zz"), 400),
+]
+
+
+@pytest.mark.parametrize("case", ROUTING_CASES, ids=lambda c: c.id)
+def test_routing(routing: DiffPair, case: Case) -> None:
+    s = compare(routing.send(case.raw, routing.listen[case.port]))
+    if isinstance(case.expect, int):
+        assert s.status == case.expect and s.backend is None
+    else:
+        assert s.status == 200
+        assert header(s, "x-route") == [case.expect]
