@@ -406,7 +406,8 @@ class ClientConnection:
             ex.target_raw = target or b"/"
         elif host_header is None and ex.version == "1.1":
             raise BadRequest(400, "client sent HTTP/1.1 request without \"Host\" header")
-        path, _, args = ex.target_raw.partition(b"?")
+        # A fragment is no part of the URI or args (nginx drops it; RFC 9112 3.2 has none).
+        path, _, args = ex.target_raw.partition(b"#")[0].partition(b"?")
         ex.args = args.decode("latin-1")
         try:
             ex.uri = normalize_path(path.decode("latin-1"))

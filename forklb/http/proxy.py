@@ -152,8 +152,10 @@ def upstream_uri(ex: Exchange, rt: LocationRuntime) -> bytes:
     return uri
 
 
+# What nginx's ngx_escape_uri (NGX_ESCAPE_URI) leaves as is: printable ASCII except
+# space " # % < > ? \\ ^ ` { | }; "[" and "]" stay literal, as in nginx.
 _SAFE = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
-                  b"-._~/!$&'()*+,;=:@")
+                  b"-._~/!$&'()*+,;=:@[]")
 
 
 def _quote_path(path: bytes) -> bytes:
