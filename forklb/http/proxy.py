@@ -121,9 +121,12 @@ def request_head(ex: Exchange, rt: LocationRuntime, uri: bytes) -> bytes:
     start = len(lines)
     for name, value in ex.headers:
         lname = name.lower()
-        if lname in protocol.HOP_BY_HOP_REQUEST or lname in skip:
-            if lname == b"connection":
-                connection_listed = protocol.connection_tokens([value])
+        if lname in protocol.HOP_BY_HOP_REQUEST or lname in skip or b"_" in lname:
+            # "_" in a name: dropped as by nginx (underscores_in_headers off), so that
+            # X_Forwarded_For never reaches a backend that reads it as X-Forwarded-For.
+            if lname == b"connection":  # every Connection line counts, not the last
+                listed = protocol.connection_tokens([value])
+                connection_listed = connection_listed | listed if connection_listed else listed
             continue
         lines += (name, b": ", value, b"\r\n")
     if connection_listed:
@@ -153,7 +156,7 @@ def upstream_uri(ex: Exchange, rt: LocationRuntime) -> bytes:
 
 
 # What nginx's ngx_escape_uri (NGX_ESCAPE_URI) leaves as is: printable ASCII except
-# space " # % < > ? \\ ^ ` { | }; "[" and "]" stay literal, as in nginx.
+# space " # % < > ? \ ^ ` { | }; "[" and "]" stay literal, as in nginx.
 _SAFE = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
                   b"-._~/!$&'()*+,;=:@[]")
 
@@ -303,8 +306,8 @@ def _relay_response(conn: ClientConnection, ex: Exchange, rt: LocationRuntime,
                 content_length = int(value)
             elif lname == b"transfer-encoding":
                 chunked_upstream = True
-            elif lname == b"connection":
-                listed = protocol.connection_tokens([value])
+            elif lname == b"connection":  # every Connection line counts
+                listed = listed | protocol.connection_tokens([value])
             continue
         if lname in rt.passed:
             relayed_own.add(lname)
