@@ -137,6 +137,7 @@ class Seen:
     backend: str | None
     method: str | None
     target: str | None
+    version: str | None  # the HTTP version of the request the backend got
     headers: list[tuple[str, str]] | None
     body_len: int | None
     body_sha256: str | None
@@ -145,12 +146,12 @@ class Seen:
 
 def seen(resp: Response) -> Seen:
     """Decode an echo backend's JSON answer (see tests/backend_server.py)."""
-    if resp.header("content-type") != "application/json":
-        return Seen(resp.status, None, None, None, None, None, None, resp)
+    if resp.header("content-type") != "application/json" or not resp.body:  # HEAD
+        return Seen(resp.status, None, None, None, None, None, None, None, resp)
     info = json.loads(resp.body)
     body = info["body"].encode("latin-1")
     return Seen(
-        resp.status, info["backend"], info["method"], info["path"],
+        resp.status, info["backend"], info["method"], info["path"], info["version"],
         [(k, v) for k, v in info["headers"]], info["body_len"],
         hashlib.sha256(body).hexdigest(), resp,
     )

@@ -10,6 +10,7 @@ the cases touching them assert forklb's documented behaviour.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -32,7 +33,7 @@ COMPARED_RESPONSE_HEADERS = ("content-type", "x-backend", "location", "content-l
 
 @pytest.fixture(scope="module")
 def backends(tmp_path_factory) -> Iterator[dict[str, int]]:
-    """Two recording backends (B1, B2), a refused port (DEAD), a blackhole (HOLE) and
+    """Two recording backends (B1, B2), refused ports (DEAD, DEAD2), a blackhole (HOLE) and
     a backend that reads the request and closes without answering (HANG)."""
     tmp = tmp_path_factory.mktemp("backends")
     b1 = PyBackend(tmp, "echo", name="b1").start()
@@ -40,7 +41,8 @@ def backends(tmp_path_factory) -> Iterator[dict[str, int]]:
     hole = Blackhole()
     hang = HangupBackend(reset=False)
     try:
-        yield {"B1": b1.port, "B2": b2.port, "DEAD": free_port(), "HOLE": hole.port,
+        yield {"B1": b1.port, "B2": b2.port, "DEAD": free_port(), "DEAD2": free_port(),
+               "HOLE": hole.port,
                "HANG": hang.port, "_hang": hang}  # type: ignore[dict-item]
     finally:
         hang.stop()
@@ -71,18 +73,31 @@ def _norm_headers(headers: list[tuple[str, str]] | None) -> list[tuple[str, str]
     return [(k.lower(), v) for k, v in headers]
 
 
+# D3 in docs/NGINX-DIFFERENCES.md: nginx's older reason phrases, RFC 9110's in forklb.
+NGINX_PHRASES = {"Gateway Time-out": "Gateway Timeout"}
+
+
+def _phrase(text: str) -> str:
+    for old, new in NGINX_PHRASES.items():
+        text = text.replace(old, new)
+    return text
+
+
 def _error_body(body: bytes) -> bytes:
-    """Built-in error pages differ only in the server token (docs/NGINX-DIFFERENCES.md)."""
-    return body.replace(b"nginx/1.22.1", b"SERVER").replace(b"forklb", b"SERVER")
+    """Built-in error pages differ in the server token (D4) and some phrases (D3)."""
+    body = body.replace(b"nginx/1.22.1", b"SERVER").replace(b"forklb", b"SERVER")
+    return _phrase(body.decode("latin-1")).encode("latin-1")
 
 
 def _view(s: Seen) -> dict:
     r = s.response
     return {
         "status": s.status,
+        "reason": _phrase(r.reason),
         "backend": s.backend,
         "method": s.method,
         "target": s.target,
+        "version": s.version,
         "headers": _norm_headers(s.headers),
         "body_len": s.body_len,
         "body_sha256": s.body_sha256,
@@ -247,6 +262,8 @@ ROUTING_CASES = [
     Case("uri-encoded-slash", _get("/docs%2Fapi%2Fx"), "docs-api"),
     Case("uri-dotdot-above-root", _get("/../x"), 400),
     Case("uri-bad-escape", _get("/a%zz"), 400),
+    Case("uri-space", _get("/a b"), 400),
+    Case("uri-encoded-nul", _get("/a%00b"), 400),
 ]
 
 
@@ -357,6 +374,10 @@ URI_CASES = [
     UriCase("uri-part-special-chars",
             "/dir/%22%3C%3E%5C%5E%60%7B%7C%7D%27%21%2A%28%29%3B%3A%40%26%3D%2B%24%2C%5B%5D%25",
             "/remote/%22%3C%3E%5C%5E%60%7B%7C%7D'!*();:@&=+$,[]%25"),
+    UriCase("uri-part-unsafe-chars-unescaped", '/dir/a{b}|c^d`e"f<g>h\\i',
+            '/remote/a{b}|c^d`e"f<g>h\\i'),
+    UriCase("uri-part-unsafe-chars-escaped", '/dir/a{b}|c^d`e"f<g>h\\i%41',
+            "/remote/a%7Bb%7D%7Cc%5Ed%60e%22f%3Cg%3Eh%5CiA"),
     UriCase("uri-part-utf8", "/dir/%C3%A9t%C3%A9", "/remote/%C3%A9t%C3%A9"),
     UriCase("uri-part-question-mark-encoded", "/dir/a%3Fb?c", "/remote/a%3Fb?c"),
     UriCase("empty-query-dropped", "/dir/x?", "/remote/x"),
@@ -484,3 +505,126 @@ def test_known_hop_by_hop_stripped(proxied: DiffPair, client_headers, known) -> 
     re-frames the body and sends no trailers, 6.6.2)."""
     raw = request("GET", "/plain/", client_headers, host="proxy.test")
     compare(proxied.send(raw), known=known)
+
+
+# --------------------------------------------------------------------------- upstreams, retries
+
+
+UPSTREAMS = """
+    proxy_set_header Connection "";
+    upstream refuse_then_good { server 127.0.0.1:@DEAD@; server 127.0.0.1:@B2@; }
+    upstream all_refuse { server 127.0.0.1:@DEAD@; server 127.0.0.1:@DEAD2@; }
+    upstream hang_get { server 127.0.0.1:@HANG@; server 127.0.0.1:@B2@; }
+    upstream hang_post { server 127.0.0.1:@HANG@; server 127.0.0.1:@B2@; }
+    upstream balanced { server 127.0.0.1:@B1@; server 127.0.0.1:@B2@; }
+    server {
+        listen @ADDR@:@P1@;
+        location /retry/ { proxy_pass http://refuse_then_good; }
+        location /dead/ { proxy_pass http://all_refuse; }
+        location /single-dead/ { proxy_pass http://127.0.0.1:@DEAD@; }
+        location /hole/ { proxy_pass http://127.0.0.1:@HOLE@; proxy_read_timeout 1s; }
+        location /hang-get/ { proxy_pass http://hang_get; }
+        location /hang-post/ { proxy_pass http://hang_post; }
+        location /rr/ { proxy_pass http://balanced; }
+        location /body/ { proxy_pass http://127.0.0.1:@B1@; }
+    }
+"""
+
+
+@pytest.fixture(scope="module")
+def upstreams(tmp_path_factory, backends) -> Iterator[DiffPair]:
+    yield from _pair(tmp_path_factory, backends, UPSTREAMS, 1)
+
+
+def test_refused_then_good(upstreams: DiffPair) -> None:
+    for _ in range(2):  # the second time the refusing server is skipped (max_fails=1)
+        s = compare(upstreams.send(request("GET", "/retry/x")))
+        assert (s.status, s.backend, s.target) == (200, "b2", "/retry/x")
+
+
+@pytest.mark.parametrize("target", ["/dead/", "/single-dead/"])
+def test_all_refusing_is_502(upstreams: DiffPair, target: str) -> None:
+    for _ in range(2):  # all failed: "no live upstreams" the second time, still 502
+        s = compare(upstreams.send(request("GET", target)))
+        assert s.status == 502 and s.backend is None
+
+
+def test_blackholed_backend_read_timeout_is_504(upstreams: DiffPair) -> None:
+    s = compare(upstreams.send(request("GET", "/hole/x")))
+    assert s.status == 504 and s.backend is None
+
+
+def test_closing_backend_get_is_retried(upstreams: DiffPair, backends) -> None:
+    hang = backends["_hang"]
+    before = hang.requests
+    s = compare(upstreams.send(request("GET", "/hang-get/x")))
+    assert (s.status, s.backend) == (200, "b2")
+    assert hang.requests - before == 2  # once for each proxy, then the next server
+
+
+def test_closing_backend_post_is_not_retried(upstreams: DiffPair, backends) -> None:
+    hang = backends["_hang"]
+    before = hang.requests
+    s = compare(upstreams.send(request("POST", "/hang-post/x", body=b"payload"), method="POST"))
+    assert s.status == 502 and s.backend is None  # b2 would have answered 200
+    assert hang.requests - before == 2
+
+
+def test_round_robin_order(upstreams: DiffPair) -> None:
+    order = [compare(upstreams.send(request("GET", "/rr/"))).backend for _ in range(4)]
+    assert order == ["b1", "b2", "b1", "b2"]
+
+
+@pytest.mark.parametrize(
+    ("method", "body"),
+    [("POST", b"a=1&b=2"), ("PUT", bytes(range(256)) * 300), ("DELETE", b""),
+     ("PATCH", b"{}"), ("OPTIONS", b""), ("HEAD", b"")],
+    ids=["post", "put-binary-75k", "delete", "patch", "options", "head"],
+)
+def test_methods_and_bodies(upstreams: DiffPair, method: str, body: bytes) -> None:
+    raw = request(method, "/body/x", [("Content-Type", "application/octet-stream")], body)
+    s = compare(upstreams.send(raw, method=method))
+    assert s.status == 200
+    if method != "HEAD":
+        assert (s.method, s.body_len) == (method, len(body))
+        assert s.body_sha256 == hashlib.sha256(body).hexdigest()
+
+
+def test_known_error_page_wording(upstreams: DiffPair) -> None:
+    """D3, D4: the built-in error page names the server, and 504's phrase is RFC 9110's."""
+    n, f = upstreams.send(request("GET", "/hole/x"))
+    assert isinstance(n, Response) and isinstance(f, Response)
+    assert (n.status, n.reason, f.status, f.reason) == (
+        504, "Gateway Time-out", 504, "Gateway Timeout")
+    assert b"<center>nginx/1.22.1</center>" in n.body and b"<center>forklb</center>" in f.body
+    assert (n.header("server"), f.header("server")) == ("nginx/1.22.1", "forklb")
+
+
+def test_upstream_protocol_is_http11(proxied: DiffPair) -> None:
+    """Both speak HTTP/1.1 upstream here: nginx only because the suite adds
+    ``proxy_http_version 1.1`` for it (D5), and with no Connection header because
+    the shared config says ``proxy_set_header Connection ""``."""
+    s = compare(proxied.send(request("GET", "/plain/", host="proxy.test")))
+    assert s.version == "HTTP/1.1" and header(s, "connection") == []
+
+
+def test_known_raw_non_ascii_target_is_400(proxied: DiffPair) -> None:
+    """D6: a raw byte above 0x7f in the request target: nginx proxies it, forklb's
+    strict parser answers 400 (RFC 9112 3.2 and RFC 3986 2: a target is ASCII)."""
+    n, f = proxied.send(b"GET /dir/\xe9 HTTP/1.1\r\nHost: proxy.test\r\nConnection: close\r\n\r\n")
+    assert isinstance(n, Response) and isinstance(f, Response)
+    assert (n.status, seen(n).target, f.status) == (200, "/remote/\xe9", 400)
+
+
+def test_known_chunked_body_is_streamed(upstreams: DiffPair) -> None:
+    """D8: a chunked request body: nginx buffers it and sends Content-Length, forklb
+    streams it re-chunked (RFC 9112 7: both framings carry the same content)."""
+    body = b"hello chunked world"
+    raw = (b"POST /body/x HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n"
+           b"Connection: close\r\n\r\n5\r\nhello\r\n0e\r\n chunked world\r\n0\r\n\r\n")
+    s = compare(upstreams.send(raw, method="POST"), known={
+        "content-length": ([str(len(body))], []),
+        "transfer-encoding": ([], ["chunked"]),
+    })
+    assert (s.status, s.body_len, s.body_sha256) == (200, len(body),
+                                                      hashlib.sha256(body).hexdigest())

@@ -149,7 +149,10 @@ def upstream_uri(ex: Exchange, rt: LocationRuntime) -> bytes:
     else:
         rest = ex.uri[len(loc.pattern):]
     uri = (part + rest).encode("utf-8", "surrogateescape")
-    uri = _quote_path(uri)
+    if b"%" in ex.target_raw:
+        # As nginx: the decoded URI is escaped again only when the client's was
+        # escaped; otherwise it goes as the client wrote it (normalised).
+        uri = _quote_path(uri)
     if ex.args:
         uri += b"?" + ex.args.encode("latin-1")
     return uri
