@@ -152,6 +152,9 @@ class Location:
     keepalive_requests: int = 1000  # requests on one client connection, then close
     file: str = ""
     line: int = 0
+    # locations written inside this one (searched when this prefix matches);
+    # Server.locations lists them too, after the outer ones
+    nested: tuple[Location, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

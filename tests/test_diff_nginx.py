@@ -141,9 +141,10 @@ def header(s: Seen, name: str) -> list[str]:
 # --------------------------------------------------------------------------- routing
 
 
-def _loc(spec: str, tag: str) -> str:
+def _loc(spec: str, tag: str, nested: str = "") -> str:
     return (f'        location {spec} {{ proxy_pass http://127.0.0.1:@B1@; '
-            f'proxy_set_header X-Route "{tag}"; proxy_set_header Connection ""; }}\n')
+            f'proxy_set_header X-Route "{tag}"; proxy_set_header Connection "";\n'
+            f'{nested}        }}\n')
 
 
 def _server(port: str, names: str | None, tag: str, locs: str = "",
@@ -169,6 +170,14 @@ ROUTING = "".join([
         _loc("/exact", "exact-prefix"),
         _loc("/pre", "pre"),
         _loc("/pre/longer", "pre-longer"),
+        _loc("/n/", "n", "".join([
+            _loc("/n/in/", "n-in", _loc("/n/in/deep/", "n-deep")),
+            _loc("^~ /n/caret/", "n-caret"),
+            _loc("= /n/exact", "n-exact"),
+            _loc(r"~ \.png$", "n-png"),
+            _loc(r"~ \.txt$", "n-txt"),
+        ])),
+        _loc("^~ /sn/", "sn", _loc(r"~ \.png$", "sn-png")),
     ])),
     _server("P1", "www.example.org", "exact-org"),
     _server("P1", "*.example.org", "wild-org"),
@@ -237,6 +246,18 @@ ROUTING_CASES = [
     Case("port2-unknown-first", _get("/x", "zdefault.test"), "p2-first", port=1),
     Case("port2-name-other", _get("/x", "p2.test"), "p2-other", port=1),
     Case("port1-ignores-port2-names", _get("/x", "p2.test"), "default"),
+    # nested locations
+    Case("nested-outer", _get("/n/x"), "n"),
+    Case("nested-inner-prefix", _get("/n/in/x"), "n-in"),
+    Case("nested-two-deep", _get("/n/in/deep/x"), "n-deep"),
+    Case("nested-exact", _get("/n/exact"), "n-exact"),
+    Case("nested-regex-before-outer-regex", _get("/n/in/a.png"), "n-png"),
+    Case("nested-regex-second", _get("/n/a.txt"), "n-txt"),
+    Case("nested-outer-regex-after-nested", _get("/n/in/a.jpg"), "jpg"),
+    Case("nested-caret-skips-inner-regexes", _get("/n/caret/a.txt"), "n-caret"),
+    Case("nested-caret-not-outer-regexes", _get("/n/caret/a.JPG"), "jpg"),
+    Case("caret-own-nested-regex", _get("/sn/a.png"), "sn-png"),
+    Case("caret-skips-outer-regex", _get("/sn/a.jpg"), "sn"),
     # location
     Case("location-exact-root", _get("/"), "exact-root"),
     Case("location-root-prefix", _get("/other"), "root"),

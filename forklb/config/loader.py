@@ -343,24 +343,17 @@ class _Builder:
         values, where = self._inherit(b, http_values, http_where)
         listens = self._listens(values["listen"], b.where.get("listen", []))
         names = self._server_names(values["server_name"], b.where.get("server_name", []))
-        self._check_duplicate_locations(values["location"], b.where.get("location", []))
-        locations = []
-        for (ld, lb), (modifier, pattern) in zip(b.blocks("location"), values["location"],
-                                                 strict=True):
-            loc_values, loc_where = self._inherit(lb, values, where)
-            locations.append(self._location_from(modifier, pattern, lb, loc_values, loc_where,
-                                                 ld))
-        # Requests no location matches are served at server level, as in nginx.
-        locations.append(self._location_from("", "", None, values, where, d))
         # allow/deny: a level with rules of its own replaces its parent's list whole.
         server_access = _access_rules(d, b) or self.http_access
-        own = [_access_rules(ld, lb) for ld, lb in b.blocks("location")] + [()]
-        locations = [dataclasses.replace(loc, access=rules or server_access)
-                     for loc, rules in zip(locations, own, strict=True)]
+        ret = None
         if "return" in b.explicit:
             # A server-level return runs before any location is looked up.
             ret = self._return(values["return"], b.where["return"][0])
-            locations = [dataclasses.replace(loc, return_=ret) for loc in locations]
+        locations = self._locations(b, values, where, server_access, ret, None)
+        # Requests no location matches are served at server level, as in nginx.
+        fallback = self._location_from("", "", None, values, where, d)
+        locations.append(dataclasses.replace(fallback, access=server_access,
+                                             return_=ret or fallback.return_))
         return Server(listens, names, tuple(locations), values["keepalive_timeout"],
                       values["client_header_timeout"], d.file, d.line)
 
@@ -407,6 +400,28 @@ class _Builder:
             return re.compile(pattern, flags)
         except re.error as e:
             raise _fail(f'invalid regular expression "{pattern}": {e}', d) from None
+
+    def _locations(self, b: Block, values: dict[str, Any], where: Where, access: tuple,
+                   ret: Any, parent: tuple[Directive, str, str] | None) -> list[Location]:
+        """The locations written in ``b`` (a server or a location block), each with its
+        nested ones built first; returned as this level's, then every nested one."""
+        self._check_duplicate_locations(values["location"], b.where.get("location", []))
+        level: list[Location] = []
+        inner: list[Location] = []
+        for (ld, lb), (modifier, pattern) in zip(b.blocks("location"), values["location"],
+                                                 strict=True):
+            if parent is not None:
+                _check_nested(ld, modifier, pattern, parent)
+            loc_values, loc_where = self._inherit(lb, values, where)
+            rules = _access_rules(ld, lb) or access
+            below = self._locations(lb, loc_values, loc_where, rules, ret,
+                                    (ld, modifier, pattern))
+            loc = self._location_from(modifier, pattern, lb, loc_values, loc_where, ld)
+            level.append(dataclasses.replace(
+                loc, access=rules, return_=ret or loc.return_,
+                nested=tuple(below[: len(lb.blocks("location"))])))
+            inner += below
+        return level + inner
 
     @staticmethod
     def _check_duplicate_locations(entries: list[tuple[str, str]],
@@ -505,6 +520,17 @@ def build(root: Block, path: str, prefix: str, files: tuple[str, ...]) -> Config
     http = b.http()
     return Config(main=main, http=http, path=path, prefix=prefix, files=files,
                   sidecar=b.sidecar(http))
+
+
+def _check_nested(d: Directive, modifier: str, pattern: str,
+                  parent: tuple[Directive, str, str]) -> None:
+    """nginx's rules for a location inside a location (ngx_http_core_location)."""
+    _, parent_modifier, parent_pattern = parent
+    if parent_modifier == "=":
+        raise _fail(f'location "{pattern}" cannot be inside the exact location '
+                    f'"{parent_pattern}"', d)
+    if modifier not in ("~", "~*") and not pattern.startswith(parent_pattern):
+        raise _fail(f'location "{pattern}" is outside location "{parent_pattern}"', d)
 
 
 def _access_rules(d: Directive, block: Block) -> tuple:

@@ -66,13 +66,26 @@ L = TypeVar("L", bound=_LocationLike)
 
 
 class LocationMatcher(Generic[L]):
-    """nginx's location lookup over one server's locations."""
+    """nginx's location lookup over one server's locations.
+
+    Locations nested in a prefix location (their ``nested`` attribute) are
+    searched when that prefix is the longest match, as ngx_http_core_find_location
+    does: an exact or regex match inside wins; otherwise the innermost prefix is
+    remembered and the outer regexes are tried unless the outer prefix is ``^~``.
+    ``locations`` may list nested ones too (they are told apart by ``nested``).
+    """
 
     def __init__(self, locations: Sequence[L]):
         self.exact: dict[str, L] = {}
         prefixes: list[L] = []
         self.regexes: list[L] = []
+        inside = {id(c) for loc in locations for c in getattr(loc, "nested", ())}
+        self.inner: dict[int, LocationMatcher[L]] = {}
         for loc in locations:
+            if id(loc) in inside:
+                continue
+            if getattr(loc, "nested", ()):
+                self.inner[id(loc)] = LocationMatcher(loc.nested)
             if loc.modifier == "=":
                 self.exact.setdefault(loc.pattern, loc)
             elif loc.modifier in ("~", "~*"):
@@ -84,20 +97,32 @@ class LocationMatcher(Generic[L]):
 
     def match(self, uri: str) -> L | None:
         """The location for normalised ``uri``, or None if nothing matches."""
+        return self._find(uri)[0]
+
+    def _find(self, uri: str) -> tuple[L | None, bool]:
+        """(location, final): final when an exact or a regex location matched."""
         exact = self.exact.get(uri)
         if exact is not None:
-            return exact
+            return exact, True
         best = None
         for loc in self.prefixes:
             if uri.startswith(loc.pattern):
                 best = loc
                 break
-        if best is not None and best.modifier == "^~":
-            return best
-        for loc in self.regexes:
-            if loc.regex is not None and loc.regex.search(uri):
-                return loc
-        return best
+        noregex = False
+        if best is not None:
+            noregex = best.modifier == "^~"  # the outer one's: an inner ^~ does not count
+            inner = self.inner.get(id(best)) if self.inner else None
+            if inner is not None:
+                found, final = inner._find(uri)
+                if final:
+                    return found, True
+                best = found or best
+        if not noregex:
+            for loc in self.regexes:
+                if loc.regex is not None and loc.regex.search(uri):
+                    return loc, True
+        return best, False
 
 
 S = TypeVar("S")
