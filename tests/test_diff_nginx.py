@@ -623,14 +623,15 @@ def test_known_error_page_wording(upstreams: DiffPair) -> None:
 
 def test_upstream_protocol_is_http11(proxied: DiffPair) -> None:
     """Both speak HTTP/1.1 upstream here: nginx only because the suite adds
-    ``proxy_http_version 1.1`` for it (D5), and with no Connection header because
-    the shared config says ``proxy_set_header Connection ""``."""
+    ``proxy_http_version 1.1`` for it (docs/NGINX-DIFFERENCES.md, "equal terms"),
+    and with no Connection header because the shared config says
+    ``proxy_set_header Connection ""``."""
     s = compare(proxied.send(request("GET", "/plain/", host="proxy.test")))
     assert s.version == "HTTP/1.1" and header(s, "connection") == []
 
 
 def test_known_raw_non_ascii_target_is_400(proxied: DiffPair) -> None:
-    """D6: a raw byte above 0x7f in the request target: nginx proxies it, forklb's
+    """D5: a raw byte above 0x7f in the request target: nginx proxies it, forklb's
     strict parser answers 400 (RFC 9112 3.2 and RFC 3986 2: a target is ASCII)."""
     n, f = proxied.send(b"GET /dir/\xe9 HTTP/1.1\r\nHost: proxy.test\r\nConnection: close\r\n\r\n")
     assert isinstance(n, Response) and isinstance(f, Response)
@@ -638,7 +639,7 @@ def test_known_raw_non_ascii_target_is_400(proxied: DiffPair) -> None:
 
 
 def test_known_chunked_body_is_streamed(upstreams: DiffPair) -> None:
-    """D8: a chunked request body: nginx buffers it and sends Content-Length, forklb
+    """D6: a chunked request body: nginx buffers it and sends Content-Length, forklb
     streams it re-chunked (RFC 9112 7: both framings carry the same content)."""
     body = b"hello chunked world"
     raw = (b"POST /body/x HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n"
