@@ -97,6 +97,9 @@ class NginxProxy(_ManagedProcess):
         """Contents of nginx's error log."""
         return _read_text(self.error_log_path)
 
+    def diagnostics(self) -> str:
+        return f"{super().diagnostics()}\n--- error log:\n{self.error_log()}"
+
     def start(self, ports: list[int], timeout: float = 10.0) -> NginxProxy:
         """Write the config, start nginx and wait until every port accepts."""
         for sub in ("conf", "logs", "temp"):

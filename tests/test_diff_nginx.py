@@ -188,6 +188,12 @@ ROUTING = "".join([
     _server("P1", r"~^r(\d+)\.regex\.com$", "regex-1"),
     _server("P1", r"~^r1", "regex-2"),
     _server("P1", r"~^www\.", "regex-www"),
+    _server("P1", r"~^(?<sub>[a-z]+)\.(cap)\.test$", "cap:$sub:$1:$2:$1x", "".join([
+        _loc(r"~ ^/c/(?<first>[^/]+)/(.*)$", "loc:$1:$2:$first:$sub:$2y"),
+        _loc(r"~ ^/d/(.*)$", "d:$1:$sub"),
+        _loc("/p/", "p:$1:$sub"),
+    ])),
+    _server("P1", r"~^(?'named'zz+)\.cap2\.test$", "cap2:$named"),
     _server("P1", '""', "empty-name"),
     _server("P1", "zdefault.test", "default", default=True),
     _server("P2", "example.com", "p2-first"),
@@ -246,6 +252,13 @@ ROUTING_CASES = [
     Case("port2-unknown-first", _get("/x", "zdefault.test"), "p2-first", port=1),
     Case("port2-name-other", _get("/x", "p2.test"), "p2-other", port=1),
     Case("port1-ignores-port2-names", _get("/x", "p2.test"), "default"),
+    # regex captures
+    Case("server-name-captures", _get("/x", "abc.cap.test"), "cap:abc:abc:cap:abcx"),
+    Case("location-captures-win", _get("/c/one/two/three", "abc.cap.test"),
+         "loc:one:two/three:one:abc:two/threey"),
+    Case("location-capture-numbered-only", _get("/d/zz", "abc.cap.test"), "d:zz:abc"),
+    Case("prefix-location-keeps-server-captures", _get("/p/", "abc.cap.test"), "p:abc:abc"),
+    Case("pcre-quote-named-capture", _get("/", "zzz.cap2.test"), "cap2:zzz"),
     # nested locations
     Case("nested-outer", _get("/n/x"), "n"),
     Case("nested-inner-prefix", _get("/n/in/x"), "n-in"),

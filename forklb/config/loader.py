@@ -28,6 +28,7 @@ from configobj import ConfigObj, flatten_errors
 from forklb.config import directives as D
 from forklb.config.errors import ConfigError
 from forklb.config.parser import Directive, Parser
+from forklb.http.routing import pcre_pattern
 from forklb.http.variables import Template, UnknownVariable, compile_template
 from forklb.model import (
     DEFAULT_SIDECAR_LISTEN,
@@ -185,6 +186,8 @@ class _Builder:
         self.root = root
         self.path = path
         self.prefix = prefix
+        # named captures of every server_name/location regex: variables, as in nginx
+        self.captures: frozenset[str] = _capture_names(root)
         self.log_formats: dict[str, LogFormat] = {"combined": self._log_format("combined",
                                                                                  COMBINED, None)}
         self.upstreams: dict[str, Upstream] = {}
@@ -199,7 +202,7 @@ class _Builder:
 
     def _template(self, text: str, d: Directive | None) -> Template:
         try:
-            return compile_template(text)
+            return compile_template(text, self.captures)
         except UnknownVariable as e:
             raise ConfigError(str(e), d.file if d else None, d.line if d else None) from None
 
@@ -397,7 +400,7 @@ class _Builder:
     @staticmethod
     def _compile(pattern: str, flags: int, d: Directive) -> re.Pattern[str]:
         try:
-            return re.compile(pattern, flags)
+            return re.compile(pcre_pattern(pattern), flags)
         except re.error as e:
             raise _fail(f'invalid regular expression "{pattern}": {e}', d) from None
 
@@ -520,6 +523,31 @@ def build(root: Block, path: str, prefix: str, files: tuple[str, ...]) -> Config
     http = b.http()
     return Config(main=main, http=http, path=path, prefix=prefix, files=files,
                   sidecar=b.sidecar(http))
+
+
+def _capture_names(root: Block) -> frozenset[str]:
+    """The named groups of every regex in ``server_name`` and ``location`` directives."""
+    names: set[str] = set()
+
+    def walk(directives) -> None:
+        for d in directives or ():
+            words = [t.text for t in d.args]
+            if d.name == "server_name":
+                patterns = [w[1:] for w in words if w.startswith("~")]
+            elif d.name == "location" and words:
+                joined = "".join(words[:2]) if words[0] in ("~", "~*") else words[0]
+                patterns = [joined.lstrip("~*")] if joined.startswith("~") else []
+            else:
+                patterns = []
+            for pattern in patterns:
+                try:
+                    names.update(re.compile(pcre_pattern(pattern)).groupindex)
+                except re.error:
+                    pass  # reported with file:line when the regex is compiled
+            walk(d.children)
+
+    walk(d for d, _ in root.children)
+    return frozenset(names)
 
 
 def _check_nested(d: Directive, modifier: str, pattern: str,

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from typing import Generic, Protocol, TypeVar
+from functools import lru_cache
+from typing import Any, Generic, Protocol, TypeVar
 from urllib.parse import unquote_to_bytes
 
 _BAD_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
@@ -145,7 +146,7 @@ class VirtualHosts(Generic[S]):
                 self.default = server
             for name in names:
                 if name.startswith("~"):  # compiled as written: lower-casing \S gives \s
-                    self.regexes.append((re.compile(name[1:], re.IGNORECASE), server))
+                    self.regexes.append((server_regex(name[1:]), server))
                     continue
                 name = name.lower()
                 if name.startswith("*."):
@@ -203,3 +204,67 @@ def split_host(value: str) -> str:
     if not host:
         raise BadHost(value)
     return host
+
+
+_PCRE_NAMED = re.compile(r"(?<!\\)\(\?(?:<([A-Za-z_]\w*)>|'([A-Za-z_]\w*)')")
+
+
+def pcre_pattern(pattern: str) -> str:
+    """A PCRE pattern as Python's ``re`` reads it: ``(?<name>...)`` and ``(?'name'...)``
+    (nginx configs use them for named captures) become ``(?P<name>...)``."""
+    if "(?" not in pattern:
+        return pattern
+    return _PCRE_NAMED.sub(lambda m: f"(?P<{m.group(1) or m.group(2)}>", pattern)
+
+
+@lru_cache(maxsize=1024)
+def server_regex(pattern: str) -> re.Pattern[str]:
+    """A ``server_name ~pattern`` compiled (host names are matched case-insensitively)."""
+    return re.compile(pcre_pattern(pattern), re.IGNORECASE)
+
+
+def _plain_name_matches(name: str, host: str) -> bool:
+    if name.startswith("*."):
+        return host.endswith(name[1:])
+    if name.startswith("."):
+        return host == name[1:] or host.endswith(name)
+    if name.endswith(".*"):
+        return host.startswith(name[:-1])
+    return host == name
+
+
+def server_name_match(names: Sequence[str], host: str) -> re.Match[str] | None:
+    """The ``server_name`` regex match that chose this server for ``host``, if a regex
+    did (nginx tries regexes only when no exact or wildcard name matched)."""
+    if not host or any(_plain_name_matches(n, host) for n in names if not n.startswith("~")):
+        return None
+    for name in names:
+        if name.startswith("~"):
+            m = server_regex(name[1:]).search(host)
+            if m is not None:
+                return m
+    return None
+
+
+def capture(r: Any, key: int | str) -> str:
+    """nginx's ``$1``..``$9`` (``key`` int) or a named capture ``$name`` for request ``r``.
+
+    The last regex that matched sets them: the location's regex if the location is
+    one, else the ``server_name`` regex that chose the server. A named capture the
+    location's regex lacks keeps the server's value, as in nginx. Computed only when
+    a config uses captures, so routing itself never keeps match objects.
+    """
+    loc = r.location
+    if loc is not None and loc.regex is not None:
+        m = loc.regex.search(r.uri)
+        if m is not None and (isinstance(key, int) or key in m.re.groupindex):
+            return _group(m, key)
+    server = r.server
+    m = server_name_match(server.names, r.host) if server is not None else None
+    return _group(m, key) if m is not None else ""
+
+
+def _group(m: re.Match[str], key: int | str) -> str:
+    if isinstance(key, int):
+        return (m.group(key) or "") if key <= m.re.groups else ""
+    return (m.group(key) or "") if key in m.re.groupindex else ""
