@@ -149,9 +149,14 @@ class Seen:
 
 def seen(resp: Response) -> Seen:
     """Decode an echo backend's JSON answer (see tests/backend_server.py)."""
-    if resp.header("content-type") != "application/json" or not resp.body:  # HEAD
+    info = None
+    if resp.header("content-type") == "application/json":
+        try:
+            info = json.loads(resp.body)
+        except ValueError:
+            pass  # HEAD, or a body the test asked for (__size)
+    if not isinstance(info, dict):
         return Seen(resp.status, None, None, None, None, None, None, None, resp)
-    info = json.loads(resp.body)
     body = info["body"].encode("latin-1")
     return Seen(
         resp.status, info["backend"], info["method"], info["path"], info["version"],

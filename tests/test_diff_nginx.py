@@ -663,3 +663,27 @@ def test_known_chunked_body_is_streamed(upstreams: DiffPair) -> None:
     })
     assert (s.status, s.body_len, s.body_sha256) == (200, len(body),
                                                       hashlib.sha256(body).hexdigest())
+
+
+@pytest.mark.parametrize(
+    ("raw", "method", "status"),
+    [
+        pytest.param(request("GET", "/body/x?__status=404"), "GET", 404, id="upstream-404"),
+        pytest.param(request("GET", "/body/x?__status=503"), "GET", 503, id="upstream-503"),
+        pytest.param(request("GET", "/body/x?__status=204"), "GET", 204, id="upstream-204"),
+        pytest.param(request("GET", "/body/x?__chunked=1&__size=70000"), "GET", 200,
+                     id="upstream-chunked"),
+        pytest.param(request("GET", "/body/x?__size=300000"), "GET", 200, id="upstream-large"),
+        pytest.param(request("HEAD", "/body/x?__size=1000"), "HEAD", 200, id="head-length"),
+        pytest.param(b"GET /body/x HTTP/1.0\r\n\r\n", "GET", 200, id="http10-client"),
+        pytest.param(b"GET /body/x?__chunked=1 HTTP/1.0\r\n\r\n", "GET", 200,
+                     id="http10-client-chunked-upstream"),
+        pytest.param(request("POST", "/body/x", [("Expect", "100-continue")], b"abc"), "POST",
+                     200, id="expect-100-continue"),
+        pytest.param(request("GET", "/body/x", [(f"X-H{i}", "v" * 100) for i in range(60)]),
+                     "GET", 200, id="sixty-headers"),
+    ],
+)
+def test_responses_relayed(upstreams: DiffPair, raw: bytes, method: str, status: int) -> None:
+    s = compare(upstreams.send(raw, method=method))
+    assert s.status == status
