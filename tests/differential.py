@@ -219,6 +219,16 @@ class DiffPair:
         return out[0], out[1]
 
 
+def exchange_many(addr: str, port: int, raw: bytes, methods: list[str],
+                  timeout: float = 10.0) -> list[Response]:
+    """Send ``raw`` (several pipelined requests) at once and read one response per method."""
+    with socket.create_connection((addr, port), timeout=timeout,
+                                  source_address=(CLIENT_ADDR, 0)) as sock:
+        sock.sendall(raw)
+        reader = _Reader(sock)
+        return [_read_response(reader, m) for m in methods]
+
+
 def request(method: str = "GET", target: str = "/", headers: list[tuple[str, str]] | None = None,
             body: bytes = b"", host: str | None = "localhost") -> bytes:
     """A raw HTTP/1.1 request with ``Connection: close``; headers exactly in order."""

@@ -16,9 +16,12 @@ from dataclasses import dataclass
 
 import pytest
 from differential import (
+    FORKLB_ADDR,
+    NGINX_ADDR,
     Blackhole,
     DiffPair,
     Seen,
+    exchange_many,
     request,
     seen,
 )
@@ -687,3 +690,21 @@ def test_known_chunked_body_is_streamed(upstreams: DiffPair) -> None:
 def test_responses_relayed(upstreams: DiffPair, raw: bytes, method: str, status: int) -> None:
     s = compare(upstreams.send(raw, method=method))
     assert s.status == status
+
+
+def test_pipelined_keep_alive(upstreams: DiffPair) -> None:
+    """Three requests in one write on one connection: same answers, same Connection
+    headers, the last one closing."""
+    ka = [("Connection", "keep-alive")]
+    raw = (request("GET", "/body/a", ka).replace(b"Connection: close\r\n", b"")
+           + request("POST", "/body/b", ka, b"xyz").replace(b"Connection: close\r\n", b"")
+           + request("GET", "/body/c"))
+    methods = ["GET", "POST", "GET"]
+    port = upstreams.listen[0]
+    nginx = exchange_many(NGINX_ADDR, port, raw, methods)
+    forklb = exchange_many(FORKLB_ADDR, port, raw, methods)
+    for n, f in zip(nginx, forklb, strict=True):
+        compare((n, f))
+        assert n.header("connection") == f.header("connection")
+    assert [seen(r).target for r in nginx] == ["/body/a", "/body/b", "/body/c"]
+    assert [r.header("connection") for r in forklb] == ["keep-alive", "keep-alive", "close"]
