@@ -297,6 +297,17 @@ ROUTING_CASES = [
     Case("uri-dotdot-segment", _get("/img/../docs/api/"), "docs-api"),
     Case("uri-merged-slashes", _get("//docs//api/"), "docs-api"),
     Case("uri-encoded-slash", _get("/docs%2Fapi%2Fx"), "docs-api"),
+    Case("uri-dot-then-exact", _get("/./exact"), "exact"),
+    Case("uri-encoded-question-mark-not-exact", _get("/exact%3F"), "exact-prefix"),
+    Case("prefix-is-case-sensitive", _get("/DOCS/x"), "root"),
+    Case("absolute-form-no-path", _get("http://www.example.org", "example.com"), "exact-org"),
+    Case("absolute-form-https-scheme", _get("https://www.example.org/x", "example.com"),
+         "exact-org"),
+    Case("options-asterisk", request("OPTIONS", "*", host="example.com"), 400),
+    Case("lowercase-method", b"get /x HTTP/1.1\r\nHost: example.com\r\n\r\n", 400),
+    Case("host-with-userinfo", _get("/x", "user@example.com"), "default"),
+    Case("host-ipv6-literal", _get("/x", "[::1]:8080"), "default"),
+    Case("host-numeric", _get("/x", "127.0.0.1"), "default"),
     Case("uri-dotdot-above-root", _get("/../x"), 400),
     Case("uri-bad-escape", _get("/a%zz"), 400),
     Case("uri-space", _get("/a b"), 400),
@@ -708,3 +719,11 @@ def test_pipelined_keep_alive(upstreams: DiffPair) -> None:
         assert n.header("connection") == f.header("connection")
     assert [seen(r).target for r in nginx] == ["/body/a", "/body/b", "/body/c"]
     assert [r.header("connection") for r in forklb] == ["keep-alive", "keep-alive", "close"]
+
+
+def test_known_absolute_form_other_scheme_is_400(routing: DiffPair) -> None:
+    """D7: ``GET ftp://host/x``: nginx takes any scheme and routes by the authority,
+    forklb answers 400: an origin server's resources are http(s) (RFC 9110 4.2, 7.1)."""
+    n, f = routing.send(_get("ftp://www.example.org/x", "example.com"))
+    assert isinstance(n, Response) and isinstance(f, Response)
+    assert (n.status, header(seen(n), "x-route"), f.status) == (200, ["exact-org"], 400)
