@@ -20,7 +20,9 @@ from differential import (
     NGINX_ADDR,
     Blackhole,
     DiffPair,
+    NginxProxy,
     Seen,
+    exchange,
     exchange_many,
     request,
     seen,
@@ -736,3 +738,22 @@ def test_known_absolute_form_other_scheme_is_400(routing: DiffPair) -> None:
     n, f = routing.send(_get("ftp://www.example.org/x", "example.com"))
     assert isinstance(n, Response) and isinstance(f, Response)
     assert (n.status, header(seen(n), "x-route"), f.status) == (200, ["exact-org"], 400)
+
+
+def test_nginx_default_upstream_protocol_is_http10(tmp_path, backends) -> None:
+    """Why the suite gives nginx ``proxy_http_version 1.1``: by default nginx 1.22 sends
+    HTTP/1.0 and ``Connection: close`` (forklb: HTTP/1.1, no Connection header)."""
+    port = free_port()
+    nginx = NginxProxy(tmp_path, f"""
+    server {{
+        listen {NGINX_ADDR}:{port};
+        # 1.0 is nginx's default; said here because NGINX_ONLY_HTTP sets 1.1 in http {{}}
+        location / {{ proxy_pass http://127.0.0.1:{backends["B1"]}; proxy_http_version 1.0; }}
+    }}""")
+    try:
+        nginx.start([port])
+        s = seen(exchange(NGINX_ADDR, port, request("GET", "/x")))
+    finally:
+        nginx.stop()
+    assert s.version == "HTTP/1.0"
+    assert header(s, "connection") == ["close"]
