@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass
+from http import HTTPStatus
 
 import pytest
 from differential import (
@@ -77,8 +78,9 @@ def _norm_headers(headers: list[tuple[str, str]] | None) -> list[tuple[str, str]
     return None if headers is None else list(headers)
 
 
-# D3 in docs/NGINX-DIFFERENCES.md: nginx's older reason phrases, RFC 9110's in forklb.
-NGINX_PHRASES = {"Gateway Time-out": "Gateway Timeout"}
+# D3 in docs/NGINX-DIFFERENCES.md: nginx's older reason phrases (none at all for codes
+# it has no text for), RFC 9110's in forklb.
+NGINX_PHRASES = {"Gateway Time-out": "Gateway Timeout", "Moved Temporarily": "Found"}
 
 
 def _phrase(text: str) -> str:
@@ -97,7 +99,7 @@ def _view(s: Seen) -> dict:
     r = s.response
     return {
         "status": s.status,
-        "reason": _phrase(r.reason),
+        "reason": _phrase(r.reason) or HTTPStatus(s.status).phrase,
         "backend": s.backend,
         "method": s.method,
         "target": s.target,
@@ -397,6 +399,22 @@ PROXY = """
         server_name bare.test;
         location / { proxy_pass http://127.0.0.1:@B1@; }
     }
+    server {
+        listen @ADDR@:@P1@;
+        server_name ret.test;
+        location = /text { return 200 "host=$host uri=$uri args=$args"; }
+        location = /relative { return 301 /elsewhere?x=1; }
+        location = /absolute { return 302 http://other.test/y; }
+        location = /code { return 204; }
+        location = /teapot { return 418; }
+        location = /bare200 { return 200; }
+        location = /emptytext { return 200 ""; }
+        location = /notfound { return 404; }
+        location = /unprocessable { return 422 "text"; }
+        location /denied/ { deny all; proxy_pass http://127.0.0.1:@B1@; }
+        location /allowed/ { allow 127.0.0.1; deny all; proxy_pass http://127.0.0.1:@B1@; }
+        location /small/ { client_max_body_size 10; proxy_pass http://127.0.0.1:@B1@; }
+    }
 """
 
 
@@ -659,6 +677,19 @@ def test_known_error_page_wording(upstreams: DiffPair) -> None:
     assert (n.header("server"), f.header("server")) == ("nginx/1.22.1", "forklb")
 
 
+@pytest.mark.parametrize(
+    ("target", "nginx_reason", "forklb_reason"),
+    [("/absolute", "Moved Temporarily", "Found"), ("/teapot", "", "I'm a Teapot"),
+     ("/unprocessable", "", "Unprocessable Entity")],
+)
+def test_known_reason_phrases(proxied: DiffPair, target: str, nginx_reason: str,
+                              forklb_reason: str) -> None:
+    """D3: nginx's reason phrases are its own table's, empty for codes not in it."""
+    n, f = proxied.send(request("GET", target, host="ret.test"))
+    assert isinstance(n, Response) and isinstance(f, Response)
+    assert (n.reason, f.reason) == (nginx_reason, forklb_reason)
+
+
 def test_upstream_protocol_is_http11(proxied: DiffPair) -> None:
     """Both speak HTTP/1.1 upstream here: nginx only because the suite adds
     ``proxy_http_version 1.1`` for it (docs/NGINX-DIFFERENCES.md, "equal terms"),
@@ -757,3 +788,32 @@ def test_nginx_default_upstream_protocol_is_http10(tmp_path, backends) -> None:
         nginx.stop()
     assert s.version == "HTTP/1.0"
     assert header(s, "connection") == ["close"]
+
+
+@pytest.mark.parametrize(
+    ("raw", "status"),
+    [
+        pytest.param(request("GET", "/text?a=1", host="Ret.Test:81"), 200, id="return-text"),
+        pytest.param(request("GET", "/relative", host="ret.test"), 301, id="return-relative"),
+        pytest.param(request("GET", "/relative", host="ret.test:8080"), 301,
+                     id="return-relative-host-port"),
+        pytest.param(request("GET", "/absolute", host="ret.test"), 302, id="return-absolute"),
+        pytest.param(request("GET", "/code", host="ret.test"), 204, id="return-204"),
+        pytest.param(request("GET", "/teapot", host="ret.test"), 418, id="return-418"),
+        pytest.param(request("GET", "/bare200", host="ret.test"), 200, id="return-200-bare"),
+        pytest.param(request("GET", "/emptytext", host="ret.test"), 200, id="return-empty-text"),
+        pytest.param(request("GET", "/notfound", host="ret.test"), 404, id="return-404-page"),
+        pytest.param(request("GET", "/unprocessable", host="ret.test"), 422,
+                     id="return-422-text"),
+        pytest.param(request("GET", "/denied/x", host="ret.test"), 403, id="deny-all"),
+        pytest.param(request("GET", "/allowed/x", host="ret.test"), 200, id="allow-first"),
+        pytest.param(request("POST", "/small/x", body=b"x" * 11, host="ret.test"), 413,
+                     id="body-too-large"),
+        pytest.param(request("POST", "/small/x", body=b"x" * 10, host="ret.test"), 200,
+                     id="body-at-limit"),
+    ],
+)
+def test_local_answers(proxied: DiffPair, raw: bytes, status: int) -> None:
+    """return, allow/deny and client_max_body_size answer without (or before) a backend."""
+    s = compare(proxied.send(raw, method=raw.split(b" ", 1)[0].decode()))
+    assert s.status == status
