@@ -28,7 +28,7 @@ from differential import (
     request,
     seen,
 )
-from harness import HangupBackend, PyBackend, Response, free_port
+from harness import HangupBackend, NginxBackend, PyBackend, Response, free_port
 
 # Response headers compared as they are (Server and Date are each proxy's own).
 COMPARED_RESPONSE_HEADERS = ("content-type", "x-backend", "location", "content-length")
@@ -44,15 +44,21 @@ def backends(tmp_path_factory) -> Iterator[dict[str, int]]:
     tmp = tmp_path_factory.mktemp("backends")
     b1 = PyBackend(tmp, "echo", name="b1").start()
     b2 = PyBackend(tmp, "echo", name="b2").start()
+    # response headers to hide or pass (X-Pad and X-Accel-* are hidden by default)
+    nb = NginxBackend(tmp, "nb", name="nb", server_directives=(
+        "add_header X-Pad pad always; add_header X-Accel-Expires 10 always;"
+        " add_header X-Custom c always;")).start()
     hole = Blackhole()
     hang = HangupBackend(reset=False)
     try:
-        yield {"B1": b1.port, "B2": b2.port, "DEAD": free_port(), "DEAD2": free_port(),
+        yield {"B1": b1.port, "B2": b2.port, "NB": nb.port, "DEAD": free_port(),
+               "DEAD2": free_port(),
                "HOLE": hole.port,
                "HANG": hang.port, "_hang": hang}  # type: ignore[dict-item]
     finally:
         hang.stop()
         hole.stop()
+        nb.stop()
         b2.stop()
         b1.stop()
 
@@ -414,6 +420,14 @@ PROXY = """
         location /denied/ { deny all; proxy_pass http://127.0.0.1:@B1@; }
         location /allowed/ { allow 127.0.0.1; deny all; proxy_pass http://127.0.0.1:@B1@; }
         location /small/ { client_max_body_size 10; proxy_pass http://127.0.0.1:@B1@; }
+        location /nb-default/ { proxy_pass http://127.0.0.1:@NB@; }
+        location /nb-hide/ { proxy_pass http://127.0.0.1:@NB@; proxy_hide_header X-Custom; }
+        location /nb-pass/ {
+            proxy_pass http://127.0.0.1:@NB@;
+            proxy_pass_header X-Accel-Expires;
+            proxy_pass_header Server;
+            proxy_pass_header X-Pad;
+        }
     }
 """
 
@@ -817,3 +831,40 @@ def test_local_answers(proxied: DiffPair, raw: bytes, status: int) -> None:
     """return, allow/deny and client_max_body_size answer without (or before) a backend."""
     s = compare(proxied.send(raw, method=raw.split(b" ", 1)[0].decode()))
     assert s.status == status
+
+
+@pytest.mark.parametrize(
+    ("target", "present", "absent"),
+    [
+        ("/nb-default/", ["X-Custom"], ["X-Pad", "X-Accel-Expires"]),
+        ("/nb-hide/", [], ["X-Custom", "X-Pad", "X-Accel-Expires"]),
+        ("/nb-pass/", ["X-Custom", "X-Pad", "X-Accel-Expires"], []),
+    ],
+)
+def test_response_headers_hidden_and_passed(proxied: DiffPair, target: str,
+                                            present: list[str], absent: list[str]) -> None:
+    """Every response header but Date (and Server unless passed) is the same; the order
+    of different names differs (D8): nginx puts Server, Date, Content-Type,
+    Content-Length, Connection first, forklb relays the upstream's order and adds its
+    own after. Names repeated keep their order in both."""
+    n, f = proxied.send(request("GET", target, host="ret.test"))
+    assert isinstance(n, Response) and isinstance(f, Response)
+    passed = "pass" in target
+
+    def relayed(r: Response) -> list[tuple[str, str]]:
+        own = {"date"} if passed else {"date", "server"}
+        return [(k, v) for k, v in r.headers if k.lower() not in own]
+
+    assert sorted(relayed(f)) == sorted(relayed(n))
+    upstream_order = ["Content-Type", "X-Backend", "X-Pad", "X-Accel-Expires", "X-Custom"]
+    assert [k for k, _ in f.headers if k in upstream_order] == [
+        k for k in upstream_order if f.has_header(k)]
+    if not passed:  # (a passed Server goes among the upstream's fields in nginx)
+        assert [k for k, _ in n.headers][:3] == ["Server", "Date", "Content-Type"]
+    assert (n.status, n.body) == (f.status, f.body) == (200, b"nb\n")
+    for name in present:
+        assert n.has_header(name), name
+    for name in absent:
+        assert not n.has_header(name), name
+    if passed:
+        assert n.header("server") == f.header("server") == "nginx/1.22.1"
