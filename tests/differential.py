@@ -181,7 +181,8 @@ class DiffPair:
                  listen: list[int]) -> None:
         self.tmp_path = tmp_path
         self.listen = listen
-        values = dict(ports)
+        self.values = dict(ports)  # the placeholders' values (ports)
+        values = self.values
         self.nginx = NginxProxy(tmp_path, render(http_template, {**values, "ADDR": NGINX_ADDR}))
         self.forklb = ForkLB(tmp_path, forklb_config(
             render(http_template, {**values, "ADDR": FORKLB_ADDR})))
