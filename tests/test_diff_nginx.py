@@ -11,9 +11,11 @@ the cases touching them assert forklb's documented behaviour.
 from __future__ import annotations
 
 import hashlib
+import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 from http import HTTPStatus
+from pathlib import Path
 
 import pytest
 from differential import (
@@ -25,10 +27,19 @@ from differential import (
     Seen,
     exchange,
     exchange_many,
+    forklb_config,
     request,
     seen,
 )
-from harness import HangupBackend, NginxBackend, PyBackend, Response, free_port
+from harness import (
+    NGINX_BIN,
+    ForkLB,
+    HangupBackend,
+    NginxBackend,
+    PyBackend,
+    Response,
+    free_port,
+)
 
 # Response headers compared as they are (Server and Date are each proxy's own).
 COMPARED_RESPONSE_HEADERS = ("content-type", "x-backend", "location", "content-length")
@@ -866,3 +877,62 @@ def test_response_headers_hidden_and_passed(proxied: DiffPair, target: str,
         assert not n.has_header(name), name
     if passed:
         assert n.header("server") == f.header("server") == "nginx/1.22.1"
+
+
+# --------------------------------------------------------------------------- config errors
+
+_SERVER = "    server {\n        listen 127.0.0.1:1;\n%s\n    }\n"
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        pytest.param(_SERVER % "        location /a/ {\n location /b/ { } }", id="nested-outside"),
+        pytest.param(_SERVER % "        location = /a {\n location /a/b { } }",
+                     id="nested-in-exact"),
+        pytest.param(_SERVER % "        location /a { }\n        location /a { }",
+                     id="duplicate-location"),
+        pytest.param(_SERVER % "        location / {\n proxy_pass http://127.0.0.1:9;\n"
+                     "proxy_set_header X $nope; }", id="unknown-variable"),
+        pytest.param(_SERVER % "        location ~ ^/(.*)$ {\n proxy_pass http://127.0.0.1:9;\n"
+                     "proxy_set_header X ${1}; }", id="braced-capture"),
+        pytest.param(_SERVER % "        location ~ ^/(.*)$ {\n proxy_pass http://127.0.0.1:9/x; }",
+                     id="uri-part-in-regex-location"),
+        pytest.param(_SERVER % "        locaton / { }", id="unknown-directive"),
+        pytest.param(_SERVER % "        location / {\n proxy_pass http://127.0.0.1:9;\n"
+                     "proxy_set_header X; }", id="wrong-arity"),
+        pytest.param("    upstream u { server 127.0.0.1:9; }\n"
+                     "    upstream u { server 127.0.0.1:9; }", id="duplicate-upstream"),
+        pytest.param(_SERVER % "        location / {\n proxy_pass http://nohost.invalid; }",
+                     id="host-not-found"),
+    ],
+)
+def test_config_errors_match_nginx(tmp_path, body: str) -> None:
+    """``-t`` on a bad config: the same message, naming the same line of the shared part."""
+    nginx = NginxProxy(tmp_path, body)
+    for sub in ("conf", "logs", "temp"):
+        (nginx.workdir / sub).mkdir(exist_ok=True)
+    nginx_text = nginx.config_text()
+    nginx.conf_path.write_text(nginx_text)
+    ran = subprocess.run([NGINX_BIN, "-t", "-p", f"{nginx.workdir}/", "-c", str(nginx.conf_path),
+                          "-e", str(nginx.error_log_path)], capture_output=True, text=True,
+                         timeout=30)
+    lb = ForkLB(tmp_path, forklb_config(body))
+    ours = lb.cli("-t")
+    assert (ran.returncode, ours.returncode) == (1, 1), (ran.stderr, ours.stderr)
+
+    def emerg(output: str, text: str, path: Path) -> tuple[str, int | None]:
+        """The [emerg] message and its line counted from the shared part's start."""
+        line = next(li for li in output.splitlines() if "[emerg]" in li).split("] ", 1)[1]
+        if f" in {path}:" not in line:
+            return line, None
+        message, _, where = line.rpartition(f" in {path}:")
+        return message, int(where) - text[: text.index(body)].count("\n")
+
+    theirs = emerg(ran.stderr, nginx_text, nginx.conf_path)
+    mine = emerg(ours.stderr, lb.conf_path.read_text(), lb.conf_path)
+    if theirs[1] is None:
+        # D9: nginx names no place for an unknown variable; forklb names the directive's
+        assert mine == (theirs[0], body[: body.index("proxy_set_header X ")].count("\n") + 1)
+    else:
+        assert mine == theirs
