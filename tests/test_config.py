@@ -715,7 +715,7 @@ def test_unknown_directive_at_top_level(tmp_path: Path) -> None:
         (http("listen 80;"), "listen", "listen"),
         ("events {}\nworker_connections 10;\n", "worker_connections", "worker_connections"),
         ("events { worker_processes 2; }\n", "worker_processes", "worker_processes"),
-        (server("location / { location /a { } }"), "location", "location /a"),
+        (http("location /a { }"), "location", "location /a"),
         ("proxy_read_timeout 5s;\nevents {}\n", "proxy_read_timeout", "proxy_read"),
         (http("keepalive 4;"), "keepalive", "keepalive"),
         (http("upstream u { server 127.0.0.1; listen 80; }"), "listen", "listen"),

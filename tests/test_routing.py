@@ -7,7 +7,14 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from forklb.http.routing import BadPath, LocationMatcher, VirtualHosts, normalize_path, split_host
+from forklb.http.routing import (
+    BadHost,
+    BadPath,
+    LocationMatcher,
+    VirtualHosts,
+    normalize_path,
+    split_host,
+)
 
 # -- normalize_path -----------------------------------------------------------
 
@@ -384,8 +391,13 @@ def test_one_server_with_many_kinds_of_names() -> None:
         ("[::1]:8080", "[::1]"),
         ("[FE80::1]:80", "[fe80::1]"),
         ("[::1", "[::1"),
-        ("", ""),
     ],
 )
 def test_split_host(value: str, expected: str) -> None:
     assert split_host(value) == expected
+
+
+@pytest.mark.parametrize("value", ["", ".", ":80", "a..b", "a/b", "a b", "a\tb", "a\x7fb"])
+def test_split_host_refuses_what_nginx_refuses(value: str) -> None:
+    with pytest.raises(BadHost):
+        split_host(value)

@@ -120,7 +120,8 @@ TABLE: tuple[Spec, ...] = (
     # server
     _spec("listen", [SERVER, SIDECAR], (1, ANY), check="listen()", multiple=True),
     _spec("server_name", [SERVER], (1, ANY), check="string_list()", multiple=True),
-    _spec("location", [SERVER], (1, 2), check="location()", block=LOCATION, multiple=True),
+    _spec("location", [SERVER, LOCATION], (1, 2), check="location()", block=LOCATION,
+          multiple=True),
     _spec("root", _HTTP_LEVELS, 1, check="string(default=html)", inherit=True),
     _spec("index", _HTTP_LEVELS, (1, ANY), check="string_list(default=list('index.html'))",
           inherit=True),

@@ -19,6 +19,7 @@ import dataclasses
 import os
 import re
 import socket
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
@@ -31,6 +32,7 @@ from forklb.config.parser import Directive, Parser
 from forklb.http import next_upstream
 from forklb.http import tls as tls_files
 from forklb.http.next_upstream import NextUpstream
+from forklb.http.routing import pcre_pattern
 from forklb.http.variables import Template, UnknownVariable, compile_template
 from forklb.model import (
     DEFAULT_SIDECAR_LISTEN,
@@ -191,6 +193,8 @@ class _Builder:
         self.root = root
         self.path = path
         self.prefix = prefix
+        # named captures of every server_name/location regex: variables, as in nginx
+        self.captures: frozenset[str] = _capture_names(root)
         self.log_formats: dict[str, LogFormat] = {"combined": self._log_format("combined",
                                                                                  COMBINED, None)}
         self.upstreams: dict[str, Upstream] = {}
@@ -208,7 +212,7 @@ class _Builder:
 
     def _template(self, text: str, d: Directive | None) -> Template:
         try:
-            return compile_template(text)
+            return compile_template(text, self.captures)
         except UnknownVariable as e:
             raise ConfigError(str(e), d.file if d else None, d.line if d else None) from None
 
@@ -358,30 +362,19 @@ class _Builder:
         values, where = self._inherit(b, http_values, http_where)
         listens = self._listens(values["listen"], b.where.get("listen", []))
         names = self._server_names(values["server_name"], b.where.get("server_name", []))
-        self._check_duplicate_locations(values["location"], b.where.get("location", []))
-        locations = []
-        for (ld, lb), (modifier, pattern) in zip(b.blocks("location"), values["location"],
-                                                 strict=True):
-            loc_values, loc_where = self._inherit(lb, values, where)
-            locations.append(self._location_from(modifier, pattern, lb, loc_values, loc_where,
-                                                 ld))
-        # Requests no location matches are served at server level, as in nginx.
-        locations.append(self._location_from("", "", None, values, where, d))
         # allow/deny: a level with rules of its own replaces its parent's list whole.
         server_access = _access_rules(d, b) or self.http_access
-        own = [_access_rules(ld, lb) for ld, lb in b.blocks("location")] + [()]
-        locations = [dataclasses.replace(loc, access=rules or server_access)
-                     for loc, rules in zip(locations, own, strict=True)]
+        ret = None
         if "return" in b.explicit:
             # A server-level return runs before any location is looked up.
             ret = self._return(values["return"], b.where["return"][0])
-            locations = [dataclasses.replace(loc, return_=ret) for loc in locations]
         # types: a level with its own types blocks replaces its parent's map whole.
-        server_types = _types(b)
-        locations = [dataclasses.replace(loc, mime_types=types or server_types)
-                     for loc, types in zip(locations, [_types(lb) for _ld, lb in
-                                                       b.blocks("location")] + [None],
-                                           strict=True)]
+        locations = self._locations(b, values, where, server_access, ret, None, _types(b))
+        # Requests no location matches are served at server level, as in nginx.
+        fallback = self._location_from("", "", None, values, where, d)
+        locations.append(dataclasses.replace(fallback, access=server_access,
+                                             return_=ret or fallback.return_,
+                                             mime_types=_types(b)))
         named = {loc.pattern: loc for loc in locations if loc.named}
         return Server(listens, names, tuple(locations), values["keepalive_timeout"],
                       values["client_header_timeout"], d.file, d.line, named,
@@ -459,9 +452,33 @@ class _Builder:
     @staticmethod
     def _compile(pattern: str, flags: int, d: Directive) -> re.Pattern[str]:
         try:
-            return re.compile(pattern, flags)
+            return re.compile(pcre_pattern(pattern), flags)
         except re.error as e:
             raise _fail(f'invalid regular expression "{pattern}": {e}', d) from None
+
+    def _locations(self, b: Block, values: dict[str, Any], where: Where, access: tuple,
+                   ret: Any, parent: tuple[Directive, str, str] | None,
+                   types: Mapping[str, str] | None) -> list[Location]:
+        """The locations written in ``b`` (a server or a location block), each with its
+        nested ones built first; returned as this level's, then every nested one."""
+        self._check_duplicate_locations(values["location"], b.where.get("location", []))
+        level: list[Location] = []
+        inner: list[Location] = []
+        for (ld, lb), (modifier, pattern) in zip(b.blocks("location"), values["location"],
+                                                 strict=True):
+            if parent is not None:
+                _check_nested(ld, modifier, pattern, parent)
+            loc_values, loc_where = self._inherit(lb, values, where)
+            rules = _access_rules(ld, lb) or access
+            loc_types = _types(lb) or types
+            below = self._locations(lb, loc_values, loc_where, rules, ret,
+                                    (ld, modifier, pattern), loc_types)
+            loc = self._location_from(modifier, pattern, lb, loc_values, loc_where, ld)
+            level.append(dataclasses.replace(
+                loc, access=rules, return_=ret or loc.return_, mime_types=loc_types,
+                nested=tuple(below[: len(lb.blocks("location"))])))
+            inner += below
+        return level + inner
 
     @staticmethod
     def _check_duplicate_locations(entries: list[tuple[str, str]],
@@ -635,6 +652,42 @@ def _next_upstream(values: dict[str, Any]) -> NextUpstream:
             mask = next_upstream.OFF
     return NextUpstream(mask, values["proxy_next_upstream_tries"],
                         values["proxy_next_upstream_timeout"])
+
+
+def _capture_names(root: Block) -> frozenset[str]:
+    """The named groups of every regex in ``server_name`` and ``location`` directives."""
+    names: set[str] = set()
+
+    def walk(directives) -> None:
+        for d in directives or ():
+            words = [t.text for t in d.args]
+            if d.name == "server_name":
+                patterns = [w[1:] for w in words if w.startswith("~")]
+            elif d.name == "location" and words:
+                joined = "".join(words[:2]) if words[0] in ("~", "~*") else words[0]
+                patterns = [joined.lstrip("~*")] if joined.startswith("~") else []
+            else:
+                patterns = []
+            for pattern in patterns:
+                try:
+                    names.update(re.compile(pcre_pattern(pattern)).groupindex)
+                except re.error:
+                    pass  # reported with file:line when the regex is compiled
+            walk(d.children)
+
+    walk(d for d, _ in root.children)
+    return frozenset(names)
+
+
+def _check_nested(d: Directive, modifier: str, pattern: str,
+                  parent: tuple[Directive, str, str]) -> None:
+    """nginx's rules for a location inside a location (ngx_http_core_location)."""
+    _, parent_modifier, parent_pattern = parent
+    if parent_modifier == "=":
+        raise _fail(f'location "{pattern}" cannot be inside the exact location '
+                    f'"{parent_pattern}"', d)
+    if modifier not in ("~", "~*") and not pattern.startswith(parent_pattern):
+        raise _fail(f'location "{pattern}" is outside location "{parent_pattern}"', d)
 
 
 def _access_rules(d: Directive, block: Block) -> tuple:

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 import httptools
 
 from forklb.http import internal, protocol
-from forklb.http.routing import BadPath, normalize_path, split_host
+from forklb.http.routing import BadHost, BadPath, normalize_path, split_host
 from forklb.http.validate import ChunkScanner, Invalid, header_name_allowed, transfer_coding
 from forklb.model import access_allows
 
@@ -658,13 +658,17 @@ class ClientConnection:
             ex.target_raw = target or b"/"
         elif host_header is None and ex.version == "1.1":
             raise BadRequest(400, "client sent HTTP/1.1 request without \"Host\" header")
-        path, _, args = ex.target_raw.partition(b"?")
+        # A fragment is no part of the URI or args (nginx drops it; RFC 9112 3.2 has none).
+        path, _, args = ex.target_raw.partition(b"#")[0].partition(b"?")
         ex.args = args.decode("latin-1")
         try:
             ex.uri = normalize_path(path.decode("latin-1"))
         except BadPath:
             raise BadRequest(400, "client sent invalid request path") from None
-        host = split_host(host_header.decode("latin-1")) if host_header else ""
+        try:
+            host = split_host(host_header.decode("latin-1")) if host_header is not None else ""
+        except BadHost:
+            raise BadRequest(400, "client sent invalid host header") from None
         server = self.listener.vhosts.select(host)
         ex.server = server
         ex.host = host or (server.names[0] if server.names else "")

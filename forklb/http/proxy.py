@@ -142,8 +142,8 @@ def wants_tunnel(ex: Exchange, rt: LocationRuntime) -> bool:
 def request_head(ex: Exchange, rt: LocationRuntime, uri: bytes, tunnel: bool = False) -> bytes:
     """The request line and headers sent upstream for ``ex``."""
     lines = [ex.method_b, b" ", uri, rt.version_line]
-    if not rt.sets_host:
-        lines += (b"Host: ", ex.proxy_host.encode("latin-1"), b"\r\n")
+    # nginx's order: proxy_set_header lines as configured, then its defaults
+    # (Host, Connection, framing), then the client's own headers.
     # Upgrade/Connection set for WebSocket go only with an upgrade being tunnelled.
     drop = rt.upgrade_headers if rt.tunnel and not tunnel else None
     configured_connection = b"connection" in rt.upgrade_headers
@@ -156,23 +156,31 @@ def request_head(ex: Exchange, rt: LocationRuntime, uri: bytes, tunnel: bool = F
             lines += (name, b": ", value, b"\r\n")
             if configured_connection and name.lower() == b"connection":
                 connection_set = True
-    skip = rt.overridden
-    connection_listed = None
-    for name, value in ex.headers:
-        lname = name.lower()
-        if lname in protocol.HOP_BY_HOP_REQUEST or lname in skip:
-            if lname == b"connection":
-                connection_listed = protocol.connection_tokens([value])
-            continue
-        lines += (name, b": ", value, b"\r\n")
-    if connection_listed:
-        lines = [_strip_listed(b"".join(lines), connection_listed)]
+    if not rt.sets_host:
+        lines += (b"Host: ", ex.proxy_host.encode("latin-1"), b"\r\n")
+    if (rt.http10 or not rt.group.keepalive) and not connection_set:
+        lines.append(b"Connection: close\r\n")
     if ex.chunked:
         lines.append(b"Transfer-Encoding: chunked\r\n")
     elif ex.content_length is not None:
         lines.append(b"Content-Length: %d\r\n" % ex.content_length)
-    if (rt.http10 or not rt.group.keepalive) and not connection_set:
-        lines.append(b"Connection: close\r\n")
+    skip = rt.overridden
+    connection_listed = None
+    start = len(lines)
+    for name, value in ex.headers:
+        # (names nginx calls invalid, "X_Forwarded_For", were dropped by the parser)
+        lname = name.lower()
+        if lname in protocol.HOP_BY_HOP_REQUEST or lname in skip:
+            if lname == b"connection":  # every Connection line counts, not the last
+                listed = protocol.connection_tokens([value])
+                connection_listed = connection_listed | listed if connection_listed else listed
+            continue
+        lines += (name, b": ", value, b"\r\n")
+    if connection_listed:
+        # Only the client's own headers go by the names its Connection lists; the
+        # leading CRLF stands in for the first line _strip_listed keeps.
+        own = _strip_listed(b"\r\n" + b"".join(lines[start:]), connection_listed)
+        lines[start:] = [own[2:]]
     lines.append(b"\r\n")
     return b"".join(lines)
 
@@ -191,14 +199,19 @@ def upstream_uri(ex: Exchange, rt: LocationRuntime) -> bytes:
     else:
         rest = ex.uri[len(loc.pattern):]
     uri = (part + rest).encode("utf-8", "surrogateescape")
-    uri = _quote_path(uri)
+    if b"%" in ex.target_raw:
+        # As nginx: the decoded URI is escaped again only when the client's was
+        # escaped; otherwise it goes as the client wrote it (normalised).
+        uri = _quote_path(uri)
     if ex.args:
         uri += b"?" + ex.args.encode("latin-1")
     return uri
 
 
+# What nginx's ngx_escape_uri (NGX_ESCAPE_URI) leaves as is: printable ASCII except
+# space " # % < > ? \ ^ ` { | }; "[" and "]" stay literal, as in nginx.
 _SAFE = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
-                  b"-._~/!$&'()*+,;=:@")
+                  b"-._~/!$&'()*+,;=:@[]")
 
 
 def _quote_path(path: bytes) -> bytes:
@@ -434,8 +447,8 @@ def _relay_response(conn: ClientConnection, ex: Exchange, rt: LocationRuntime,
                 content_length = int(value)
             elif lname == b"transfer-encoding":
                 chunked_upstream = True
-            elif lname == b"connection":
-                listed = protocol.connection_tokens([value])
+            elif lname == b"connection":  # every Connection line counts
+                listed = listed | protocol.connection_tokens([value])
             continue
         if lname in rt.passed:
             relayed_own.add(lname)

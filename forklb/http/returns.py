@@ -4,7 +4,9 @@
   made absolute with the request's host (and port unless 80), as nginx's
   ``absolute_redirect on``.
 * any other code with TEXT: TEXT as the body, with the location's default_type.
-* a code alone: its standard page (an empty body below 300).
+* a code alone: its standard page if nginx has one; below 300 an empty body with
+  the default_type (204: no Content-Type, no Content-Length); otherwise an empty
+  body without Content-Type, as nginx.
 * 444: the connection is closed without a response.
 """
 
@@ -18,6 +20,9 @@ if TYPE_CHECKING:
     from forklb.worker import LocationRuntime
 
 REDIRECTS = (301, 302, 303, 307, 308)
+# The codes nginx has a built-in page for (ngx_http_error_pages, nginx 1.22).
+PAGES = frozenset({301, 302, 303, 307, 308, *range(400, 407), *range(408, 417), 421, 429,
+                   *range(500, 506), 507})
 CLOSE_WITHOUT_RESPONSE = 444
 
 
@@ -44,5 +49,9 @@ def serve_return(conn: ClientConnection, ex: Exchange, rt: LocationRuntime) -> N
     elif text is not None:
         conn.respond_simple(ex, code, text.encode("utf-8"),
                             ex.location.default_type.encode("latin-1"))
+    elif code < 300:
+        conn.respond_simple(ex, code, b"", ex.location.default_type.encode("latin-1"))
+    elif code in PAGES:
+        conn.respond_simple(ex, code)
     else:
-        conn.respond_simple(ex, code, b"" if code < 300 else None)
+        conn.respond_simple(ex, code, b"", None)

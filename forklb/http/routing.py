@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from typing import Generic, Protocol, TypeVar
+from functools import lru_cache
+from typing import Any, Generic, Protocol, TypeVar
 from urllib.parse import unquote_to_bytes
 
 _BAD_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
@@ -66,13 +67,26 @@ L = TypeVar("L", bound=_LocationLike)
 
 
 class LocationMatcher(Generic[L]):
-    """nginx's location lookup over one server's locations."""
+    """nginx's location lookup over one server's locations.
+
+    Locations nested in a prefix location (their ``nested`` attribute) are
+    searched when that prefix is the longest match, as ngx_http_core_find_location
+    does: an exact or regex match inside wins; otherwise the innermost prefix is
+    remembered and the outer regexes are tried unless the outer prefix is ``^~``.
+    ``locations`` may list nested ones too (they are told apart by ``nested``).
+    """
 
     def __init__(self, locations: Sequence[L]):
         self.exact: dict[str, L] = {}
         prefixes: list[L] = []
         self.regexes: list[L] = []
+        inside = {id(c) for loc in locations for c in getattr(loc, "nested", ())}
+        self.inner: dict[int, LocationMatcher[L]] = {}
         for loc in locations:
+            if id(loc) in inside:
+                continue
+            if getattr(loc, "nested", ()):
+                self.inner[id(loc)] = LocationMatcher(loc.nested)
             if loc.modifier == "=":
                 self.exact.setdefault(loc.pattern, loc)
             elif loc.modifier in ("~", "~*"):
@@ -84,20 +98,32 @@ class LocationMatcher(Generic[L]):
 
     def match(self, uri: str) -> L | None:
         """The location for normalised ``uri``, or None if nothing matches."""
+        return self._find(uri)[0]
+
+    def _find(self, uri: str) -> tuple[L | None, bool]:
+        """(location, final): final when an exact or a regex location matched."""
         exact = self.exact.get(uri)
         if exact is not None:
-            return exact
+            return exact, True
         best = None
         for loc in self.prefixes:
             if uri.startswith(loc.pattern):
                 best = loc
                 break
-        if best is not None and best.modifier == "^~":
-            return best
-        for loc in self.regexes:
-            if loc.regex is not None and loc.regex.search(uri):
-                return loc
-        return best
+        noregex = False
+        if best is not None:
+            noregex = best.modifier == "^~"  # the outer one's: an inner ^~ does not count
+            inner = self.inner.get(id(best)) if self.inner else None
+            if inner is not None:
+                found, final = inner._find(uri)
+                if final:
+                    return found, True
+                best = found or best
+        if not noregex:
+            for loc in self.regexes:
+                if loc.regex is not None and loc.regex.search(uri):
+                    return loc, True
+        return best, False
 
 
 S = TypeVar("S")
@@ -120,7 +146,7 @@ class VirtualHosts(Generic[S]):
                 self.default = server
             for name in names:
                 if name.startswith("~"):  # compiled as written: lower-casing \S gives \s
-                    self.regexes.append((re.compile(name[1:], re.IGNORECASE), server))
+                    self.regexes.append((server_regex(name[1:]), server))
                     continue
                 name = name.lower()
                 if name.startswith("*."):
@@ -153,9 +179,92 @@ class VirtualHosts(Generic[S]):
         return self.default
 
 
+class BadHost(ValueError):
+    """The ``Host`` value is not a valid host (nginx: "client sent invalid host header")."""
+
+
+_BAD_HOST = re.compile(r"\.\.|[/\x00-\x20\x7f]")
+
+
 def split_host(value: str) -> str:
-    """``Host`` header value to the lower-case name nginx matches (no port)."""
+    """``Host`` header value to the lower-case name nginx matches (no port).
+
+    As ``ngx_http_validate_host``: ``..``, ``/``, controls and spaces are refused,
+    one trailing dot is dropped, and nothing left (``""``, ``.``) is refused.
+    """
+    if _BAD_HOST.search(value):
+        raise BadHost(value)
     if value.startswith("["):
         end = value.find("]")
-        return value[: end + 1].lower() if end > 0 else value.lower()
-    return value.split(":", 1)[0].lower().rstrip(".")
+        host = value[: end + 1].lower() if end > 0 else value.lower()
+    else:
+        host = value.split(":", 1)[0].lower()
+        if host.endswith("."):
+            host = host[:-1]
+    if not host:
+        raise BadHost(value)
+    return host
+
+
+_PCRE_NAMED = re.compile(r"(?<!\\)\(\?(?:<([A-Za-z_]\w*)>|'([A-Za-z_]\w*)')")
+
+
+def pcre_pattern(pattern: str) -> str:
+    """A PCRE pattern as Python's ``re`` reads it: ``(?<name>...)`` and ``(?'name'...)``
+    (nginx configs use them for named captures) become ``(?P<name>...)``."""
+    if "(?" not in pattern:
+        return pattern
+    return _PCRE_NAMED.sub(lambda m: f"(?P<{m.group(1) or m.group(2)}>", pattern)
+
+
+@lru_cache(maxsize=1024)
+def server_regex(pattern: str) -> re.Pattern[str]:
+    """A ``server_name ~pattern`` compiled (host names are matched case-insensitively)."""
+    return re.compile(pcre_pattern(pattern), re.IGNORECASE)
+
+
+def _plain_name_matches(name: str, host: str) -> bool:
+    if name.startswith("*."):
+        return host.endswith(name[1:])
+    if name.startswith("."):
+        return host == name[1:] or host.endswith(name)
+    if name.endswith(".*"):
+        return host.startswith(name[:-1])
+    return host == name
+
+
+def server_name_match(names: Sequence[str], host: str) -> re.Match[str] | None:
+    """The ``server_name`` regex match that chose this server for ``host``, if a regex
+    did (nginx tries regexes only when no exact or wildcard name matched)."""
+    if not host or any(_plain_name_matches(n, host) for n in names if not n.startswith("~")):
+        return None
+    for name in names:
+        if name.startswith("~"):
+            m = server_regex(name[1:]).search(host)
+            if m is not None:
+                return m
+    return None
+
+
+def capture(r: Any, key: int | str) -> str:
+    """nginx's ``$1``..``$9`` (``key`` int) or a named capture ``$name`` for request ``r``.
+
+    The last regex that matched sets them: the location's regex if the location is
+    one, else the ``server_name`` regex that chose the server. A named capture the
+    location's regex lacks keeps the server's value, as in nginx. Computed only when
+    a config uses captures, so routing itself never keeps match objects.
+    """
+    loc = r.location
+    if loc is not None and loc.regex is not None:
+        m = loc.regex.search(r.uri)
+        if m is not None and (isinstance(key, int) or key in m.re.groupindex):
+            return _group(m, key)
+    server = r.server
+    m = server_name_match(server.names, r.host) if server is not None else None
+    return _group(m, key) if m is not None else ""
+
+
+def _group(m: re.Match[str], key: int | str) -> str:
+    if isinstance(key, int):
+        return (m.group(key) or "") if key <= m.re.groups else ""
+    return (m.group(key) or "") if key in m.re.groupindex else ""

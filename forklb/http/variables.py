@@ -16,6 +16,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from forklb.http.routing import capture
+
 Getter = Callable[[Any], str]
 
 _VAR = re.compile(r"\$(?:\{([A-Za-z0-9_]+)\}|([A-Za-z0-9_]+))")
@@ -101,11 +103,19 @@ def _arg_getter(name: str) -> Getter:
     return get
 
 
-def getter(name: str) -> Getter | None:
+def _capture_getter(key: int | str) -> Getter:
+    """``$1``..``$9`` and named captures (see :func:`forklb.http.routing.capture`)."""
+    return lambda r: capture(r, key)
+
+
+def getter(name: str, captures: frozenset[str] = frozenset()) -> Getter | None:
     """The getter for variable ``name``, or None when nginx would not know it.
 
-    Names are case-insensitive, as nginx lower-cases them (``$HOST`` is ``$host``).
+    Names are case-insensitive, as nginx lower-cases them (``$HOST`` is ``$host``),
+    except named regex captures (``captures``), which are taken as written.
     """
+    if name in captures:
+        return _capture_getter(name)
     name = name.lower()
     if name.startswith("http_") and len(name) > 5:
         return _header_getter(name[5:])
@@ -147,18 +157,29 @@ class Template:
         return "".join(out)
 
 
-def compile_template(text: str) -> Template:
-    """Compile ``text``; raises :class:`UnknownVariable` for an unknown name."""
+def compile_template(text: str, captures: frozenset[str] = frozenset()) -> Template:
+    """Compile ``text``; raises :class:`UnknownVariable` for an unknown name.
+
+    ``captures``: the named captures of the config's regexes, which are variables too.
+    """
     parts: list[str | Getter] = []
     pos = 0
     for m in _VAR.finditer(text):
         if m.start() > pos:
             parts.append(text[pos : m.start()])
         name = m.group(1) or m.group(2)
-        get = getter(name)
+        rest = ""
+        if m.group(2) and name[0] in "123456789":
+            # "$1abc" is capture 1, then "abc"; "${1}" is no capture (as in nginx)
+            name, rest = name[0], name[1:]
+            get: Getter | None = _capture_getter(int(name))
+        else:
+            get = getter(name, captures)
         if get is None:
             raise UnknownVariable(name)
         parts.append(get)
+        if rest:
+            parts.append(rest)
         pos = m.end()
     if pos < len(text):
         parts.append(text[pos:])
