@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from forklb.worker import Listener, LocationRuntime, Worker
 
 RECV_SIZE = 65536
+CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 LINGERING_TIME = 5.0  # at most this long reading what a rejected client still sends
 LINGERING_TIMEOUT = 1.0  # ... and only while it keeps sending
 _LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST
@@ -57,7 +58,8 @@ class Exchange:
         "conn", "target_raw", "headers", "headers_done", "complete", "body", "method_b",
         "version", "keep_alive", "start_time", "status", "body_bytes_sent", "bytes_sent",
         "host", "uri", "args", "path", "server", "location", "proxy_host", "upstream_addr",
-        "upstream_status", "upstream_response_time", "content_length", "chunked",
+        "upstream_status", "upstream_response_time", "upstream_connect_time", "content_length",
+        "chunked", "expect_continue",
         "header_bytes", "header_bytes_read", "header_deadline", "upgrade_tail",
         "redirects", "err_status", "error_paged",  # internal redirects, error_page
         "request_method_b",  # the method as received, once error_page turned it into GET
@@ -88,6 +90,8 @@ class Exchange:
         self.upstream_addr = ""
         self.upstream_status = ""
         self.upstream_response_time = ""
+        self.upstream_connect_time = ""
+        self.expect_continue = False  # "Expect: 100-continue": answered when the body is read
         self.content_length: int | None = None
         self.chunked = False
         self.header_bytes = 0
@@ -270,6 +274,9 @@ class ClientConnection:
                 ex.content_length = int(value)
             elif lname == b"transfer-encoding":
                 codings.append(value)
+            elif lname == b"expect":
+                ex.expect_continue = (value.lower() == b"100-continue"
+                                      and ex.version != "1.0")
         if codings:
             # Raised inside a callback: _feed takes it from the parser's error.
             try:
@@ -466,6 +473,11 @@ class ClientConnection:
                     yield data
             if ex.complete:
                 return
+            if ex.expect_continue:
+                # The client waits for this before it sends the body (nginx's
+                # ngx_http_test_expect); sent once, and only when forklb reads it.
+                ex.expect_continue = False
+                self.send(CONTINUE)
             timeout = idle
             if rate:
                 # forklb's client_body_min_rate: after client_body_timeout of grace,

@@ -343,7 +343,9 @@ def _try_peer(conn: ClientConnection, ex: Exchange, rt: LocationRuntime, group: 
         reused = sock is not None
         try:
             if sock is None:
-                sock = _connect(group, index, rt)
+                sock = _connect(group, index, rt, ex)
+            else:
+                _note_connect_time(ex, "0.000")  # a pooled connection, as nginx logs it
             return sock, _attempt(conn, ex, rt, sock, head, reused, tunnel, body)
         except UpstreamError as e:
             if sock is not None:
@@ -360,13 +362,25 @@ def _try_peer(conn: ClientConnection, ex: Exchange, rt: LocationRuntime, group: 
             raise
 
 
-def _connect(group: UpstreamGroup, index: int, rt: LocationRuntime) -> socket.socket:
+def _note_connect_time(ex: Exchange, value: str) -> None:
+    """$upstream_connect_time: one value per attempt, as nginx ("-" for a failed connect)."""
+    ex.upstream_connect_time = (f"{ex.upstream_connect_time}, {value}"
+                                if ex.upstream_connect_time else value)
+
+
+def _connect(group: UpstreamGroup, index: int, rt: LocationRuntime,
+             ex: Exchange) -> socket.socket:
+    started = time.monotonic()
     try:
-        return connect(group.address(index), rt.connect_timeout)
+        sock = connect(group.address(index), rt.connect_timeout)
+        _note_connect_time(ex, f"{time.monotonic() - started:.3f}")
+        return sock
     except TimeoutError:
+        _note_connect_time(ex, "-")
         raise UpstreamError("upstream timed out (110: Connection timed out) while connecting "
                             "to upstream", status=504, kind=nu.TIMEOUT) from None
     except OSError as e:
+        _note_connect_time(ex, "-")
         raise UpstreamError(f"connect() failed ({e.errno}: {e.strerror}) while connecting to "
                             "upstream") from None
 

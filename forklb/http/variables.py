@@ -76,6 +76,7 @@ VARIABLES: dict[str, Getter] = {
     "upstream_addr": lambda r: r.upstream_addr,
     "upstream_status": lambda r: r.upstream_status,
     "upstream_response_time": lambda r: r.upstream_response_time,
+    "upstream_connect_time": lambda r: r.upstream_connect_time,
     "time_local": _time_local,
     "time_iso8601": _time_iso8601,
     "msec": lambda r: f"{time.time():.3f}",
