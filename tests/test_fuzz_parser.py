@@ -11,21 +11,18 @@ trailers) and mutated ones are cut into reads at random points. Properties:
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import httptools
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from parsing import socketless_connection
 
-from forklb.http.connection import BadRequest, ClientConnection
+from forklb.http.connection import BadRequest
 
 
 def parse(reads: list[bytes]) -> tuple[list[tuple], int | None]:
     """Feed ``reads`` as the serve loop would: stop at the first error or once the
     connection must close. Returns (complete requests, error status or None)."""
-    worker = SimpleNamespace(now=lambda: 0.0)
-    listener = SimpleNamespace(client_header_timeout=60.0)
-    conn = ClientConnection(worker, listener, None, ("127.0.0.1", 1))
+    conn = socketless_connection()
     status = None
     try:
         for data in reads:

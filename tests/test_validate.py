@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import httptools
 import pytest
+from parsing import socketless_connection
 
-from forklb.http.connection import BadRequest, ClientConnection
+from forklb.http.connection import BadRequest
 from forklb.http.validate import (
     ChunkScanner,
     Invalid,
@@ -19,9 +18,7 @@ from forklb.http.validate import (
 
 def parse(*reads: bytes) -> tuple[list[tuple], int | None]:
     """Feed ``reads`` to a socket-less ClientConnection: (complete requests, error status)."""
-    worker = SimpleNamespace(now=lambda: 0.0)
-    listener = SimpleNamespace(client_header_timeout=60.0)
-    conn = ClientConnection(worker, listener, None, ("127.0.0.1", 1))
+    conn = socketless_connection()
     status = None
     try:
         for data in reads:

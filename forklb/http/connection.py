@@ -518,17 +518,22 @@ class ClientConnection:
                 while sent < len(data):
                     sent += sock.send(view[sent:])
         except TimeoutError:
-            self.worker.log.info(self._context(SEND_TIMED_OUT))
-            # Reset rather than close (nginx's "reset_timedout_connection on"): a
-            # plain close leaves the unsent data and the connection to the kernel,
-            # which a slow reader keeps alive for as long as it likes.
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
-            except OSError:
-                pass
-            raise ClientGone(SEND_TIMED_OUT) from None
+            raise self.send_timed_out() from None
         except OSError as e:
             raise ClientGone(str(e)) from None
+
+    def send_timed_out(self) -> ClientGone:
+        """Log an expired ``send_timeout`` and arm a reset for the close; the caller
+        raises what this returns."""
+        self.worker.log.info(self._context(SEND_TIMED_OUT))
+        # Reset rather than close (nginx's "reset_timedout_connection on"): a
+        # plain close leaves the unsent data and the connection to the kernel,
+        # which a slow reader keeps alive for as long as it likes.
+        try:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+        except OSError:
+            pass
+        return ClientGone(SEND_TIMED_OUT)
 
     def _context(self, message: str) -> str:
         """nginx's error context for the request being answered."""

@@ -48,7 +48,6 @@ if TYPE_CHECKING:
 SMALL_FILE = 64 * 1024  # read and sent with the head in one write: fewer system calls
 SENDFILE_CHUNK = 4 * 1024 * 1024  # per sendfile call, so one big file does not hog a greenlet
 READ_CHUNK = 256 * 1024
-SEND_TIMEOUT = 60.0  # nginx's send_timeout default
 REGEX_ALIAS = -1  # alias_len of a regex location: the alias is the whole path
 
 _METHODS = (b"GET", b"HEAD", b"POST")
@@ -393,7 +392,10 @@ def _sendfile(conn: ClientConnection, fd: int, offset: int, count: int) -> int:
         try:
             n = os.sendfile(out, fd, offset + sent, min(count - sent, SENDFILE_CHUNK))
         except BlockingIOError:
-            wait_write(out, timeout=SEND_TIMEOUT, timeout_exc=ClientGone("send timed out"))
+            try:
+                wait_write(out, timeout=conn.send_timeout)
+            except TimeoutError:
+                raise conn.send_timed_out() from None
             continue
         except OSError as e:
             raise ClientGone(str(e)) from None
