@@ -27,6 +27,7 @@ from typing import Any
 
 from forklb.child import drop_privileges, reset_signals, start_gevent, watch_master
 from forklb.log import AccessLogFile, ErrorLog
+from forklb.metrics.recorder import metrics_gauges, metrics_recorder
 from forklb.model import Config, Location, Server
 from forklb.scoreboard import Scoreboard
 from forklb.upstream.shared import SharedUpstreamState
@@ -216,6 +217,7 @@ class Worker:
                 listen.host, listen.port, vhosts, default.keepalive_timeout, default.locations[-1],
                 default.client_header_timeout,
             )
+        self.stats = metrics_recorder(self)
 
     def _serve(self) -> None:
         import gevent
@@ -239,6 +241,7 @@ class Worker:
         gevent.spawn(watch_master, self.life_fd, self._master_gone)
         gevent.spawn(self._flush_access_logs_periodically)
         gevent.spawn(self._heartbeat)
+        gevent.spawn(metrics_gauges, self)
         os.write(self.status_fd, b"R")
         self.exit_event.wait()
 
@@ -248,6 +251,7 @@ class Worker:
         connections = self.connections
 
         def handle(sock, address):
+            self.stats.accepted()
             conn = ClientConnection(self, listener, sock, address)
             connections.add(conn)
             try:
@@ -259,6 +263,7 @@ class Worker:
 
     # -- per request --
     def access_log(self, ex) -> None:
+        self.stats.request(ex)
         loc = ex.location or ex.conn.listener.fallback
         for al in loc.access_log:
             self.access_files[al.path].write(al.format.template.render(ex, "-") + "\n")

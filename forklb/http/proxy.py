@@ -24,6 +24,7 @@ import httptools
 
 from forklb.http import protocol
 from forklb.http.connection import RECV_SIZE, ClientConnection, Exchange
+from forklb.metrics import recorder as metrics_recorder
 from forklb.upstream.pool import UpstreamGroup, connect
 
 if TYPE_CHECKING:
@@ -182,6 +183,7 @@ def proxy(conn: ClientConnection, ex: Exchange, rt: LocationRuntime) -> None:
         except UpstreamError as e:
             conn.worker.log.error(_context(e.message, conn, ex, group.label(index)))
             group.failed(index)
+            conn.worker.stats.upstream_failed(group, index, e, len(addrs) > 1)
             last_error = e
             if not e.replayable(idempotent):
                 ex.upstream_addr = ", ".join(addrs)
@@ -191,6 +193,7 @@ def proxy(conn: ClientConnection, ex: Exchange, rt: LocationRuntime) -> None:
         finally:
             group.release(index)
         group.succeeded(index)
+        conn.worker.stats.upstream_done(group, index, ex.status, started, len(addrs) > 1)
         ex.upstream_addr = ", ".join(addrs)
         ex.upstream_response_time = f"{time.monotonic() - started:.3f}"
         if relayed:
@@ -228,7 +231,10 @@ def _try_peer(conn: ClientConnection, ex: Exchange, rt: LocationRuntime, group: 
 
 def _connect(group: UpstreamGroup, index: int, rt: LocationRuntime) -> socket.socket:
     try:
-        return connect(group.address(index), rt.connect_timeout)
+        t0 = time.monotonic()
+        sock = connect(group.address(index), rt.connect_timeout)
+        metrics_recorder.connected(group, index, t0)
+        return sock
     except TimeoutError:
         raise UpstreamError("upstream timed out (110: Connection timed out) while connecting "
                             "to upstream", status=504) from None

@@ -67,5 +67,15 @@ class ProcessTable:
                 "cpu_percent": proc.cpu_percent(),
                 "rss_bytes": proc.memory_info().rss,
                 "open_fds": proc.num_fds(),
+                "connections": _tcp_sockets(proc),
                 "uptime_seconds": round(time.time() - proc.create_time(), 3),
             }
+
+
+def _tcp_sockets(proc: psutil.Process) -> int:
+    """TCP sockets of ``proc`` (psutil 6 renamed connections to net_connections)."""
+    read = getattr(proc, "net_connections", None) or proc.connections
+    try:
+        return len(read(kind="tcp"))
+    except psutil.Error:
+        return 0
