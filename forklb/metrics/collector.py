@@ -304,15 +304,16 @@ class ForklbCollector(Collector):
                                 "each forklb process.", labels=labels)
         fds = GaugeMetricFamily("forklb_process_open_fds", "Open file descriptors of each "
                                 "forklb process.", labels=labels)
-        conns = GaugeMetricFamily("forklb_process_connections", "TCP sockets of each forklb "
-                                  "process (listening ones included).", labels=labels)
+        conns = GaugeMetricFamily("forklb_process_sockets", "Sockets each forklb process "
+                                  "holds (listening and connected; from /proc/PID/fd).",
+                                  labels=labels)
         for p in self.processes.snapshot():
             key = [p["role"], str(p["pid"])]
             cpu.add_metric([*key, "user"], p["cpu_user_seconds"])
             cpu.add_metric([*key, "system"], p["cpu_system_seconds"])
             rss.add_metric(key, p["rss_bytes"])
             fds.add_metric(key, p["open_fds"])
-            conns.add_metric(key, p.get("connections", 0))
+            conns.add_metric(key, p.get("sockets", 0))
         yield from (cpu, rss, fds, conns)
 
 
