@@ -29,6 +29,7 @@ from forklb.metrics import segment as seg
 
 ROUTES = ("/metrics", "/-/healthy", "/-/ready", "/-/reload", "/status.json")
 PAGE = Path(__file__).with_name("status.html")
+HTTP_5XX = seg.FAILURE_REASONS.index("http_5xx")
 
 
 class Endpoints:
@@ -78,8 +79,10 @@ class Endpoints:
                 fails = sums.many(p + seg.PEER_FAIL, seg.NREASONS)
                 times = sums.many(p + seg.PEER_TIME, seg.HIST)
                 server["responses"] = sum(codes)
-                # Failed attempts (5xx answers included): the page's error rate.
+                # Failed attempts, 5xx answers included; attempts: answers plus the
+                # attempts that got none.  errors / attempts is the page's error rate.
                 server["errors"] = sum(fails)
+                server["attempts"] = sum(codes) + sum(fails) - fails[HTTP_5XX]
                 server["retries"] = sums.total(p + seg.PEER_RETRY)
                 server["p50_seconds"] = collector.quantile(times, 0.5)
                 server["p99_seconds"] = collector.quantile(times, 0.99)
