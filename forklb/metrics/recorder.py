@@ -10,11 +10,17 @@ The child finds its slot through :func:`attach`, called right after fork.
 
 from __future__ import annotations
 
+import os
 import time
+from bisect import bisect_left
 from typing import Any
 
 from forklb.metrics import segment as seg
 
+_METHOD_INDEX = seg.METHOD_INDEX
+_STATUS_TABLE = seg.STATUS_TABLE
+_NMETHODS = len(seg.METHODS)
+_BUCKETS = seg.BUCKETS
 _attached: tuple[seg.StatsSegment | None, int] = (None, -1)
 _current: Recorder | None = None  # this process's recorder, for connected()
 
@@ -86,11 +92,13 @@ class Recorder:
         base = self.server_base.get(id(ex.server))
         if base is None:  # rejected before routing: the listener's default server
             base = self.listener_base.get(id(ex.conn.listener), self.base + seg.SRV_BASE)
-        method = seg.METHOD_INDEX.get(ex.method_b, seg.OTHER_METHOD)
-        v[base + seg.status_index(ex.status) * len(seg.METHODS) + method] += 1
+        method = _METHOD_INDEX.get(ex.method_b, seg.OTHER_METHOD)
+        status = ex.status
+        code = _STATUS_TABLE[status] if 0 <= status < 600 else seg.status_index(status)
+        v[base + code * _NMETHODS + method] += 1
         duration = time.time() - ex.start_time
         h = base + seg.SRV_DUR
-        v[h + seg.bucket(duration)] += 1
+        v[h + bisect_left(_BUCKETS, duration)] += 1
         v[h + seg.NB] += int(duration * 1e6) if duration > 0 else 0
         v[base + seg.SRV_IN] += ex.header_bytes + (ex.content_length or 0)
         v[base + seg.SRV_OUT] += ex.bytes_sent
@@ -148,9 +156,32 @@ def failure_reason(message: str) -> int:
     return seg.FAILURE_REASONS.index(name)
 
 
+class NullRecorder(Recorder):
+    """Counts nothing: ``FORKLB_METRICS=off``, for bench/metrics_cost.py only (the hooks'
+    calls remain, so the difference measured is the counting itself)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+
+    def accepted(self) -> None:
+        pass
+
+    def request(self, ex: Any) -> None:
+        pass
+
+    def upstream_done(self, group: Any, index: int, status: int, started: float,
+                      retry: bool) -> None:
+        pass
+
+    def upstream_failed(self, group: Any, index: int, error: Any, retry: bool) -> None:
+        pass
+
+
 def metrics_recorder(worker: Any) -> Recorder:
     """The worker's recorder, built from its routing tables and upstream groups."""
     global _current
+    if os.environ.get("FORKLB_METRICS") == "off":
+        return NullRecorder()  # _current stays None: connected() does nothing either
     listeners = {id(lst): lst.vhosts.default for lst in worker.listeners.values()}
     _current = Recorder(list(worker.config.http.servers), listeners, worker.groups)
     return _current

@@ -105,6 +105,10 @@ def status_index(status: int) -> int:
     return CODE_INDEX[499]
 
 
+# status_index for every status a response can have, looked up per request
+STATUS_TABLE = tuple(status_index(s) for s in range(600))
+
+
 def bucket(seconds: float) -> int:
     """Histogram bucket of a duration: the first bound it does not exceed."""
     return bisect_left(BUCKETS, seconds)
