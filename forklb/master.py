@@ -448,7 +448,7 @@ class Master:
             # It failed by itself before serving (a killed one is simply replaced).
             raise StartupError(f"{child.role.name} process exited on start-up ({how}), "
                                f"see {self.config.main.error_log}")
-        self.stats.restarted("stuck" if child.stuck else
+        self.stats.restarted(child.role.name, "stuck" if child.stuck else
                              "killed" if os.WIFSIGNALED(status) else "exited")
         key = (child.role.name, child.slot)
         young = time.monotonic() - child.started < YOUNG

@@ -291,9 +291,11 @@ class ForklbCollector(Collector):
         restarts = CounterMetricFamily("forklb_worker_restarts", "Children (workers, "
                                        "sidecar) the master replaced, by why the old one died: "
                                        "exited by itself, killed by a signal, or stuck "
-                                       "(heartbeat).", labels=["reason"])
-        for r, reason in enumerate(seg.RESTART_REASONS):
-            restarts.add_metric([reason], v[seg.H_RESTARTS + r])
+                                       "(heartbeat).", labels=["role", "reason"])
+        n = len(seg.RESTART_REASONS)
+        for role_index, role in enumerate(seg.ROLES[1:], 1):
+            for r, reason in enumerate(seg.RESTART_REASONS):
+                restarts.add_metric([role, reason], v[seg.H_RESTARTS + role_index * n + r])
         yield restarts
 
     def _processes(self) -> Iterator[Metric]:

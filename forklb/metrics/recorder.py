@@ -21,6 +21,7 @@ _METHOD_INDEX = seg.METHOD_INDEX
 _STATUS_TABLE = seg.STATUS_TABLE
 _NMETHODS = len(seg.METHODS)
 _BUCKETS = seg.BUCKETS
+_HTTP_5XX = seg.PEER_FAIL + seg.FAILURE_REASONS.index("http_5xx")
 _attached: tuple[seg.StatsSegment | None, int] = (None, -1)
 _current: Recorder | None = None  # this process's recorder, for connected()
 
@@ -109,14 +110,16 @@ class Recorder:
         """A peer answered (``started``: monotonic start of the request's first try)."""
         p = self.peer_base[group.name][index]
         v = self.v
-        v[p + seg.PEER_RESP + seg.status_index(status)] += 1
+        code = _STATUS_TABLE[status] if 0 <= status < 600 else seg.status_index(status)
+        v[p + seg.PEER_RESP + code] += 1
         if 500 <= status < 600:
-            v[p + seg.PEER_FAIL + seg.FAILURE_REASONS.index("http_5xx")] += 1
+            v[p + _HTTP_5XX] += 1
         if retry:
             v[p + seg.PEER_RETRY] += 1
         elapsed = time.monotonic() - started
-        v[p + seg.PEER_TIME + seg.bucket(elapsed)] += 1
-        v[p + seg.PEER_TIME + seg.NB] += int(elapsed * 1e6) if elapsed > 0 else 0
+        t = p + seg.PEER_TIME
+        v[t + bisect_left(_BUCKETS, elapsed)] += 1
+        v[t + seg.NB] += int(elapsed * 1e6) if elapsed > 0 else 0
 
     def upstream_failed(self, group: Any, index: int, error: Any, retry: bool) -> None:
         """An attempt failed before the response head (``error``: proxy.UpstreamError)."""

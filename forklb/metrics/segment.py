@@ -87,12 +87,11 @@ SLOT_SIZE = GAUGE_BASE + GAUGE_SIZE
 # -- the header (master only) --
 H_RELOAD_OK, H_RELOAD_FAILED, H_LAST_RELOAD_OK_MS, H_LAST_RELOAD_RESULT, H_STARTED_MS = range(5)
 RESTART_REASONS = ("exited", "killed", "stuck")
-H_RESTARTS = 5
-H_GENERATION = H_RESTARTS + len(RESTART_REASONS)
-H_ROWS = H_GENERATION + 1
+ROLES = ("", "worker", "sidecar")
+H_RESTARTS = 5  # [role][reason]
+H_ROWS = H_RESTARTS + len(ROLES) * len(RESTART_REASONS)
 ROW_PID, ROW_ROLE, ROW_GENERATION, ROW_READY, ROW_USED = range(5)
 ROW_SIZE = 5
-ROLES = ("", "worker", "sidecar")
 
 
 def status_index(status: int) -> int:
@@ -240,5 +239,7 @@ class StatsSegment:
         if ok:
             v[H_LAST_RELOAD_OK_MS] = int(now * 1000)
 
-    def restarted(self, reason: str) -> None:
-        self.values[H_RESTARTS + RESTART_REASONS.index(reason)] += 1
+    def restarted(self, role: str, reason: str) -> None:
+        """The master replaces a child of ``role`` that died for ``reason``."""
+        i = ROLES.index(role) * len(RESTART_REASONS) + RESTART_REASONS.index(reason)
+        self.values[H_RESTARTS + i] += 1
