@@ -8,7 +8,8 @@ one that counts nothing), access log off/on.  Rounds alternate the variants so
 that load from elsewhere on the machine spreads over all of them.  Prints
 req/s and forklb's CPU µs per request (all its processes, from /proc), which is
 the steadier figure on a shared machine, and each variant's cost against the
-base (metrics off, access log off).
+base (metrics off, access log off).  ``--micro`` times the recorder's calls
+in-process instead.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from harness import ForkLB, NginxBackend, free_port  # noqa: E402
 from lb01 import measure  # noqa: E402
@@ -48,12 +50,46 @@ VARIANTS = (("base: metrics off, log off", "off", False), ("metrics on", "on", F
             ("metrics on + access log", "on", True), ("access log only", "off", True))
 
 
+def micro() -> None:
+    """The recorder's per-request calls timed in-process (no wrk, no noise from the
+    network path): what metrics add to a proxied request's CPU time."""
+    import time
+    import timeit
+    from types import SimpleNamespace as NS
+
+    from forklb.metrics import segment as seg
+    from forklb.metrics.recorder import Recorder, attach
+
+    stats = seg.StatsSegment(16)
+    server = NS(names=("www",), listens=())
+    stats.servers.add(("www",))
+    stats.peers.add(("app", "a"))
+    attach(stats, stats.acquire("worker", 1))
+    group = NS(name="app", servers=[NS(name="a")], idle=[[]])
+    rec = Recorder([server], {}, {"app": group})
+    ex = NS(server=server, conn=NS(listener=None), method_b=b"GET", status=200,
+            start_time=time.time(), header_bytes=100, content_length=None, bytes_sent=500)
+    started = time.monotonic()
+    counts = {1: 0}
+    n = 200_000
+    for name, call in (("request()", lambda: rec.request(ex)),
+                       ("upstream_done()", lambda: rec.upstream_done(group, 0, 200, started,
+                                                                     False)),
+                       ("dict increment, for scale", lambda: counts.__setitem__(1, counts[1] + 1))):
+        best = min(timeit.repeat(call, number=n, repeat=5)) / n
+        print(f"{name:28} {best * 1e6:6.2f} us")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--duration", type=int, default=10)
     ap.add_argument("--connections", type=int, default=50)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--micro", action="store_true", help="time the recorder calls only")
     args = ap.parse_args()
+    if args.micro:
+        micro()
+        return
     tmp = Path(tempfile.mkdtemp(prefix="forklb-metrics-bench-"))
     b1 = NginxBackend(tmp, "b1").start()
     b2 = NginxBackend(tmp, "b2").start()
