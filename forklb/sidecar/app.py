@@ -1,9 +1,15 @@
 """The sidecar's HTTP interface, as a WSGI application (no I/O of its own).
 
 =====================================================  ============================
-``GET /status``                                        forklb version, config file,
-                                                       every process's figures (JSON)
-``GET /``                                              the same as an HTML page
+``GET /status``                                        the live HTML page when the client
+                                                       accepts text/html, else the JSON of
+                                                       ``/status.json``
+``GET /status.json``                                   version, config, processes, upstreams
+                                                       with their counters, totals
+``GET /metrics``                                       Prometheus / OpenMetrics
+``GET /-/healthy``, ``GET /-/ready``                   liveness, readiness (a worker accepts)
+``POST /-/reload``                                     token; config checked, then HUP
+``GET /``                                              the processes as an HTML page
 ``GET /api/upstreams``                                 every upstream and server (JSON)
 ``PATCH /api/upstreams/NAME/servers/ADDR``             ``{"state": ..., "weight": N}``
 =====================================================  ============================
