@@ -28,6 +28,7 @@ from forklb.metrics import segment as seg
 from forklb.model import Config
 
 STATES = ("up", "down", "draining", "failed", "checking")
+CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
 
 
 class SlotSums:
@@ -161,20 +162,29 @@ class ForklbCollector(Collector):
                                        labels=["server_name"])
         bytes_out = CounterMetricFamily("forklb_http_sent_bytes", "Bytes sent to clients.",
                                         labels=["server_name"])
+        # The same by class only, every class always present (as HAProxy's): a series
+        # that appears with its first 5xx would hide that 5xx from rate().
+        classes = CounterMetricFamily("forklb_http_responses", "Client requests by server "
+                                      "block and status class (1xx to 5xx, all always "
+                                      "exported).", labels=["server_name", "class"])
         nm = len(seg.METHODS)
         for i, (name,) in enumerate(self.stats.servers.names):
             base = seg.SRV_BASE + i * seg.SRV_SIZE
             counts = sums.many(base, seg.NCODES * nm)
+            by_class = dict.fromkeys(CLASSES, 0)
             for c, code in enumerate(seg.CODES):
                 for m, method in enumerate(seg.METHODS):
                     n = counts[c * nm + m]
                     if n:
                         reqs.add_metric([name, code, method], n)
+                        by_class[code[0] + "xx"] += n
+            for cls, n in by_class.items():
+                classes.add_metric([name, cls], n)
             buckets, total, _ = histogram(sums.many(base + seg.SRV_DUR, seg.HIST))
             dur.add_metric([name], buckets, total)
             bytes_in.add_metric([name], sums.total(base + seg.SRV_IN))
             bytes_out.add_metric([name], sums.total(base + seg.SRV_OUT))
-        yield from (reqs, dur, bytes_in, bytes_out)
+        yield from (reqs, classes, dur, bytes_in, bytes_out)
 
     def _connections(self, sums: SlotSums) -> Iterator[Metric]:
         acc = CounterMetricFamily("forklb_connections_accepted", "Client connections accepted.")
