@@ -43,6 +43,7 @@ import psutil
 from forklb import systemd
 from forklb.config import ConfigError
 from forklb.log import ErrorLog
+from forklb.metrics.segment import StatsSegment
 from forklb.model import Config, Listen
 from forklb.pidfile import remove_pid, write_pid
 from forklb.scoreboard import Scoreboard
@@ -89,15 +90,20 @@ def worker_count(config: Config) -> int:
 def _run_worker(master: Master, gen: Generation, slot: int, status_fd: int,
                 sockets: dict) -> None:
     from forklb import worker  # imported only in the child: the master stays gevent-free
+    from forklb.metrics.recorder import attach
 
+    attach(master.stats, master.stats.child_slot)
     worker.run(gen.config, sockets, gen.shared, gen.scoreboard, slot, gen.number,
                master.life_r, status_fd, master.pid)
 
 
 def _run_sidecar(master: Master, gen: Generation, slot: int, status_fd: int,
                  sockets: dict) -> None:
+    from forklb.metrics.recorder import attach
     from forklb.sidecar import process  # gevent again: only in the child
 
+    attach(master.stats, master.stats.child_slot)
+    process.MASTER = master  # the stats segment and reload_config, for /metrics and /-/reload
     process.run(gen.config, sockets, gen.shared, master.life_r, status_fd, master.pid)
 
 
@@ -120,6 +126,8 @@ class Child:
     ready: bool = False
     stopping: bool = False  # we asked it to stop; its death is expected
     kill_at: float | None = None  # SIGKILL deadline once asked to stop
+    stats_slot: int = -1  # its region of the stats segment (forklb.metrics)
+    stuck: bool = False  # killed by the heartbeat check
 
 
 @dataclass
@@ -163,6 +171,11 @@ class Master:
         self.pid_path = config.main.pid  # becomes PATH.oldbin during a binary upgrade
         self.new_master: int | None = None  # pid of the exec'ed binary during USR2
         self.workers_stopped = False  # after WINCH: no workers until HUP
+        # Counters for the whole master life (forklb.metrics.segment); two generations
+        # of workers and sidecars can live at once, plus respawns in between.
+        self.stats = StatsSegment(max(16, 4 * (worker_count(config) + 1)))
+        self.stats.register(config)
+        self.stats.loaded(time.time())
 
     # -- start-up --
     def bind(self) -> None:
@@ -329,6 +342,7 @@ class Master:
             return
         if b"R" in data and not child.ready:
             child.ready = True
+            self.stats.ready(child.stats_slot)
             self._on_ready(child)
 
     def _tick(self) -> None:
@@ -358,6 +372,7 @@ class Master:
                     self.log.alert(f"{child.role.name} process {child.pid} is stuck (event loop "
                                    f"silent for {silent:.1f}s), killing it")
                     self._kill(child.pid, signal.SIGKILL)
+                    child.stuck = True
 
     # -- children --
     def _spawn_generation(self, gen: Generation) -> None:
@@ -368,6 +383,7 @@ class Master:
     def _spawn(self, role: Role, slot: int, gen: Generation) -> None:
         gen.scoreboard.beat(slot)  # a fresh child starts with a fresh heartbeat
         status_r, status_w = os.pipe()
+        self.stats.child_slot = self.stats.acquire(role.name, gen.number)
         pid = os.fork()
         if pid == 0:  # child
             try:
@@ -377,7 +393,9 @@ class Master:
             finally:
                 os._exit(1)
         os.close(status_w)
-        child = Child(pid, role, slot, gen.number, status_r, time.monotonic(), gen.scoreboard)
+        child = Child(pid, role, slot, gen.number, status_r, time.monotonic(), gen.scoreboard,
+                      stats_slot=self.stats.child_slot)
+        self.stats.started(child.stats_slot, pid)
         self.children[pid] = child
         self.selector.register(status_r, selectors.EVENT_READ, child)
 
@@ -408,6 +426,7 @@ class Master:
             except (KeyError, ValueError):
                 pass
             _close_quietly(child.status_fd)
+            self.stats.release(child.stats_slot)
             self._on_exit(child, status)
 
     def _on_exit(self, child: Child, status: int) -> None:
@@ -429,6 +448,8 @@ class Master:
             # It failed by itself before serving (a killed one is simply replaced).
             raise StartupError(f"{child.role.name} process exited on start-up ({how}), "
                                f"see {self.config.main.error_log}")
+        self.stats.restarted(child.role.name, "stuck" if child.stuck else
+                             "killed" if os.WIFSIGNALED(status) else "exited")
         key = (child.role.name, child.slot)
         young = time.monotonic() - child.started < YOUNG
         deaths = gen.deaths.get(key, 0) + 1 if young else 0
@@ -532,6 +553,7 @@ class Master:
         except ConfigError as e:
             self.log.emerg(str(e))
             self.log.notice("reload failed, the running configuration is kept")
+            self.stats.reloaded(False, time.time())
             return
         added: list[tuple[str, int]] = []
         try:
@@ -543,6 +565,7 @@ class Master:
             for address in added:
                 self.sockets.pop(address).close()
             self.log.emerg(f"{e}; the running configuration is kept")
+            self.stats.reloaded(False, time.time())
             return
         self._start_generation(config)
 
@@ -554,6 +577,7 @@ class Master:
         if self.pending is not None:
             self._abandon_pending()
         self.generations_started += 1
+        self.stats.register(config)  # before the fork: the new children see the new names
         self.pending = Generation(self.generations_started, config)
         self.pending_deadline = time.monotonic() + PENDING_BOOT_TIMEOUT
         self.log.notice(f"starting generation {self.pending.number}")
@@ -564,6 +588,7 @@ class Master:
         self.pending = None
         if gen is None:
             return
+        self.stats.reloaded(False, time.time())
         self._stop_children(signal.SIGTERM, FAST_STOP_GRACE, {gen.number})
         self._close_unused_sockets()
 
@@ -575,6 +600,7 @@ class Master:
         self.pending = None
         self.generation = new
         self.config = new.config
+        self.stats.reloaded(True, time.time())
         self.respawn_due.clear()
         self.log.notice(f"generation {new.number} ready, retiring generation(s) "
                         f"{sorted(old_numbers) or '-'}")

@@ -27,6 +27,7 @@ from typing import Any
 
 from forklb.child import drop_privileges, reset_signals, start_gevent, watch_master
 from forklb.log import AccessLogFile, ErrorLog
+from forklb.metrics.recorder import metrics_gauges, metrics_recorder
 from forklb.model import Config, Location, Server, show_address
 from forklb.scoreboard import Scoreboard
 from forklb.upstream.shared import SharedUpstreamState
@@ -260,6 +261,7 @@ class Worker:
                                     * default.large_client_header_buffers[1]),
                 send_timeout=default.locations[-1].send_timeout,
             )
+        self.stats = metrics_recorder(self)
         self._build_tls()
 
     def _build_tls(self) -> None:
@@ -302,6 +304,7 @@ class Worker:
         gevent.spawn(watch_master, self.life_fd, self._master_gone)
         gevent.spawn(self._flush_access_logs_periodically)
         gevent.spawn(self._heartbeat)
+        gevent.spawn(metrics_gauges, self)
         os.write(self.status_fd, b"R")
         self.exit_event.wait()
 
@@ -312,6 +315,7 @@ class Worker:
         tls = listener.tls
 
         def handle(sock, address):
+            self.stats.accepted()
             cls = ClientConnection
             if tls is not None:
                 sock, cls = tls.accept(sock, address)  # handshake in this greenlet
@@ -328,6 +332,7 @@ class Worker:
 
     # -- per request --
     def access_log(self, ex) -> None:
+        self.stats.request(ex)
         loc = ex.location or ex.conn.listener.fallback
         for al in loc.access_log:
             self.access_files[al.path].write(al.format.render(ex) + "\n")

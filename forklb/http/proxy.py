@@ -31,6 +31,7 @@ from forklb.http import next_upstream as nu
 from forklb.http import protocol
 from forklb.http.connection import RECV_SIZE, ClientConnection, Exchange
 from forklb.http.validate import Invalid, response_start_ok, transfer_coding
+from forklb.metrics import recorder as metrics_recorder
 from forklb.upstream.pool import UpstreamGroup, connect
 
 if TYPE_CHECKING:
@@ -271,6 +272,7 @@ def proxy(conn: ClientConnection, ex: Exchange, rt: LocationRuntime) -> None:
             except UpstreamError as e:
                 conn.worker.log.error(_context(e.message, conn, ex, group.label(index)))
                 group.failed(index)  # error, timeout, invalid_header: always a failure
+                conn.worker.stats.upstream_failed(group, index, e, tries > 1)
                 statuses.append(str(e.status))
                 if nu.decide(policy, e.kind, tries_done=tries, peers=rt.peers,
                              elapsed=time.monotonic() - started, sent=e.sent,
@@ -285,6 +287,8 @@ def proxy(conn: ClientConnection, ex: Exchange, rt: LocationRuntime) -> None:
                     # Nothing went to the client: drop the response with its connection.
                     sock.close()
                     statuses.append(str(resp.status))
+                    conn.worker.stats.upstream_done(group, index, resp.status, started,
+                                                    tries > 1)
                     if nu.counts_as_failure(nu.STATUS_FLAGS[resp.status]):
                         group.failed(index)
                     continue
@@ -308,6 +312,7 @@ def proxy(conn: ClientConnection, ex: Exchange, rt: LocationRuntime) -> None:
             if not released:
                 group.release(index)
         group.succeeded(index)
+        conn.worker.stats.upstream_done(group, index, ex.status, started, tries > 1)
         if relayed and not rt.http10 and not tunnel:
             group.give_back(index, sock)
         else:
@@ -373,6 +378,7 @@ def _connect(group: UpstreamGroup, index: int, rt: LocationRuntime,
     started = time.monotonic()
     try:
         sock = connect(group.address(index), rt.connect_timeout)
+        metrics_recorder.connected(group, index, started)
         _note_connect_time(ex, f"{time.monotonic() - started:.3f}")
         return sock
     except TimeoutError:

@@ -1,9 +1,15 @@
 """The sidecar's HTTP interface, as a WSGI application (no I/O of its own).
 
 =====================================================  ============================
-``GET /status``                                        forklb version, config file,
-                                                       every process's figures (JSON)
-``GET /``                                              the same as an HTML page
+``GET /status``                                        the live HTML page when the client
+                                                       accepts text/html, else the JSON of
+                                                       ``/status.json``
+``GET /status.json``                                   version, config, processes, upstreams
+                                                       with their counters, totals
+``GET /metrics``                                       Prometheus / OpenMetrics
+``GET /-/healthy``, ``GET /-/ready``                   liveness, readiness (a worker accepts)
+``POST /-/reload``                                     token; config checked, then HUP
+``GET /``                                              the processes as an HTML page
 ``GET /api/upstreams``                                 every upstream and server (JSON)
 ``PATCH /api/upstreams/NAME/servers/ADDR``             ``{"state": ..., "weight": N}``
 =====================================================  ============================
@@ -25,6 +31,7 @@ from urllib.parse import unquote
 from forklb import __version__
 from forklb.model import Config
 from forklb.sidecar import api
+from forklb.sidecar.endpoints import ROUTES
 from forklb.sidecar.processes import ProcessTable
 from forklb.upstream.shared import SharedUpstreamState
 
@@ -40,6 +47,7 @@ class StatusApp:
         self.shared = shared
         self.token = token
         self.upstreams = dict(config.http.upstreams)
+        self.endpoints = None  # forklb.sidecar.endpoints.Endpoints, set by the sidecar process
 
     def status(self) -> dict[str, Any]:
         return {
@@ -57,6 +65,8 @@ class StatusApp:
         if sidecar is not None and not sidecar.allows(client):
             return _json(start_response, 403, {"error": "forbidden"})
         try:
+            if self.endpoints is not None and (path in ROUTES or path == "/status"):
+                return self._endpoint(environ, start_response, method, path)
             if path.startswith("/api/upstreams"):
                 return self._api(environ, start_response, method, path)
             if method not in ("GET", "HEAD"):
@@ -84,6 +94,32 @@ class StatusApp:
             api.change(views[upstream.name], i, _read_json(environ))
             return _json(start_response, 200, api.snapshot({upstream.name: upstream}, views))
         raise api.ApiError(404, "not found")
+
+    def _endpoint(self, environ: dict[str, Any], start_response: StartResponse, method: str,
+                  path: str) -> list[bytes]:
+        """Metrics, health, readiness, reload and the status page (endpoints.py)."""
+        ep = self.endpoints
+        if path == "/-/reload":
+            if method != "POST":
+                raise api.ApiError(405, "method not allowed")
+            self._authorize(environ)
+            status, body = ep.reload()
+            return _json(start_response, status, body)
+        if method not in ("GET", "HEAD"):
+            raise api.ApiError(405, "method not allowed")
+        if path == "/metrics":
+            body, ctype = ep.metrics(environ.get("HTTP_ACCEPT", ""))
+            return _respond(start_response, "200 OK", body, ctype)
+        if path == "/-/healthy":
+            return _respond(start_response, "200 OK", b"forklb is healthy.\n", "text/plain")
+        if path == "/-/ready":
+            if ep.ready():
+                return _respond(start_response, "200 OK", b"forklb is ready.\n", "text/plain")
+            return _respond(start_response, "503 Service Unavailable",
+                            b"forklb is not ready.\n", "text/plain")
+        if path == "/status" and "text/html" in environ.get("HTTP_ACCEPT", ""):
+            return _respond(start_response, "200 OK", ep.page, "text/html; charset=utf-8")
+        return _json(start_response, 200, ep.status(self.status()))
 
     def _authorize(self, environ: dict[str, Any]) -> None:
         if self.token is None:
@@ -125,7 +161,8 @@ def _read_json(environ: dict[str, Any]) -> Any:
 
 def _json(start_response: StartResponse, status: int, body: Any) -> list[bytes]:
     reason = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden",
-              404: "Not Found", 405: "Method Not Allowed", 413: "Payload Too Large"}
+              404: "Not Found", 405: "Method Not Allowed", 413: "Payload Too Large",
+              503: "Service Unavailable"}
     data = json.dumps(body, indent=2).encode() + b"\n"
     return _respond(start_response, f"{status} {reason.get(status, '')}".strip(), data,
                     "application/json")

@@ -14,6 +14,7 @@ import socket
 import time
 from collections.abc import Callable
 
+from forklb.metrics.recorder import health_result
 from forklb.model import HealthCheck, Upstream, UpstreamServer
 from forklb.upstream.shared import HEALTHY, UNHEALTHY, UNKNOWN, UpstreamView, changed
 
@@ -110,5 +111,9 @@ class ServerCheck:
         self.view.health[self.index] = UNKNOWN
         while True:
             started = time.monotonic()
-            self.record(probe(self.check, self.server), started)
+            before = self.view.health[self.index]
+            failure = probe(self.check, self.server)
+            self.record(failure, started)
+            health_result(self.upstream.name, self.server.name, failure is None,
+                          self.view.health[self.index] != before)
             gevent.sleep(max(0.0, self.check.interval - (time.monotonic() - started)))

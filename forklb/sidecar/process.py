@@ -17,6 +17,8 @@ from forklb.log import ErrorLog
 from forklb.model import Config
 from forklb.upstream.shared import SharedUpstreamState
 
+MASTER = None  # the forking master (set in the child by master._run_sidecar)
+
 
 def run(config: Config, sockets: dict[tuple[str, int], stdlib_socket.socket],
         shared: SharedUpstreamState, life_fd: int, status_fd: int, master_pid: int) -> None:
@@ -32,11 +34,15 @@ def run(config: Config, sockets: dict[tuple[str, int], stdlib_socket.socket],
         from gevent.socket import socket
 
         from forklb.sidecar.app import StatusApp
+        from forklb.sidecar.endpoints import Endpoints
         from forklb.sidecar.health import ServerCheck
         from forklb.sidecar.processes import ProcessTable
         from forklb.sidecar.resolver import resolvers
 
         app = StatusApp(config, ProcessTable(master_pid), shared, _read_token(config))
+        if MASTER is not None:
+            app.endpoints = Endpoints(MASTER.stats, config, shared, app.processes,
+                                      MASTER.reload_config, master_pid)
         servers = []
         for sock in sockets.values():
             server = WSGIServer(socket(fileno=sock.detach()), app, log=None, error_log=None)
