@@ -11,6 +11,7 @@ import argparse
 import os
 import resource
 import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -48,6 +49,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                          "second, a 2-worker proxy on all (default); none: no pinning")
     ap.add_argument("--output", type=Path, default=REPO_ROOT / "bench" / "results.json",
                     help="where to write the JSON results (default bench/results.json)")
+    ap.add_argument("--keep", action="store_true",
+                    help="keep the temp dir (configs, logs) even when every proxy ran")
     ap.add_argument("--list", action="store_true", help="list the scenarios and exit")
     args = ap.parse_args(argv)
     args.scenarios = _names(args.scenario, [s.name for s in SCENARIOS], "scenario")
@@ -130,11 +133,18 @@ def main(argv: list[str] | None = None) -> int:
         results["derived"] = report.derived(results["scenarios"])
         if results["derived"]:
             print("derived:", results["derived"])
+    except BaseException:
+        failed = True
+        raise
     finally:
         for proc in reversed(started):
             proc.stop()
         results["meta"]["loadavg_end"] = os.getloadavg()
         report.write_json(args.output, results)
+        if failed or args.keep:
+            print(f"bench: configs and logs kept in {tmp}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
     print(f"bench: results in {args.output}")
     return 1 if failed else 0
 
