@@ -47,6 +47,22 @@ def cpu_seconds(pids: Sequence[int]) -> float:
     return total / CLK_TCK
 
 
+def thread_cpu_seconds(pid: int) -> dict[int, float]:
+    """utime+stime of each thread of ``pid`` (from /proc/PID/task/TID/stat)."""
+    out: dict[int, float] = {}
+    try:
+        tids = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+    except OSError:
+        return out
+    for tid in tids:
+        try:
+            fields = Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        out[tid] = (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return out
+
+
 def status_kib(pid: int, key: str) -> int:
     """A ``kB`` field of /proc/PID/status (``VmRSS``, ``VmHWM``); 0 if the process is gone."""
     try:

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from bench import configs
-from bench.procs import Managed, affinity, python_env, tree_pids
+from bench.procs import Managed, affinity, cpu_seconds, python_env, thread_cpu_seconds, tree_pids
 
 NGINX = "/usr/sbin/nginx"
 HAPROXY = shutil.which("haproxy") or "/usr/sbin/haproxy"
@@ -43,6 +43,10 @@ class Proxy(Managed):
         """The processes that serve requests: the master's children."""
         return self.pids()[1:]
 
+    def worker_cpu(self) -> dict[int, float]:
+        """CPU seconds so far of each worker (process, or thread for HAProxy)."""
+        return {pid: cpu_seconds([pid]) for pid in self.worker_pids()}
+
 
 class ForkLBProxy(Proxy):
     def prepare(self, params: configs.ProxyParams) -> list[str]:
@@ -76,6 +80,9 @@ class HAProxyProxy(Proxy):
     def worker_pids(self) -> list[int]:
         # One process whose threads are the workers.
         return self.pids()[:1]
+
+    def worker_cpu(self) -> dict[int, float]:
+        return thread_cpu_seconds(self.pid)
 
 
 def make_proxy(name: str, workdir: Path) -> Proxy:

@@ -15,6 +15,7 @@ COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("errors", "errors", "{:>7.0f}"),
     ("cpu_us_per_req", "CPU µs/req", "{:>10.1f}"),
     ("peak_rss_kib_per_worker", "RSS/worker MiB", "{:>14.1f}"),
+    ("busiest_worker_share", "busiest", "{:>7.2f}"),
     ("gbps", "GB/s", "{:>6.2f}"),
     ("rss_per_conn_kib", "RSS/conn KiB", "{:>12.2f}"),
 )

@@ -73,6 +73,7 @@ def measure(scenario: Scenario, proxy: Proxy, port: int, st: Settings) -> dict[s
     pids = proxy.pids()
     workers = proxy.worker_pids()
     reset_peak_rss(workers)
+    per_worker_before = proxy.worker_cpu()
     cpu_before = cpu_seconds(pids)
     extra: dict[str, Any] = {}
     if scenario.kind == "idle":
@@ -85,6 +86,7 @@ def measure(scenario: Scenario, proxy: Proxy, port: int, st: Settings) -> dict[s
                           scenario.headers)
     cpu_used = cpu_seconds(list(dict.fromkeys(pids + proxy.pids())))
     cpu_used -= cpu_before
+    shares = _shares(per_worker_before, proxy.worker_cpu())
     row: dict[str, Any] = {
         "requests": result.requests,
         "seconds": round(result.seconds, 3),
@@ -97,6 +99,9 @@ def measure(scenario: Scenario, proxy: Proxy, port: int, st: Settings) -> dict[s
         "cpu_us_per_req": round(cpu_used * 1e6 / max(1, result.requests), 1),
         "peak_rss_kib_per_worker": peak_rss_kib(workers),
         "workers": len(workers),
+        # How evenly the work spread: each worker's part of the workers' CPU time.
+        "worker_cpu_share": shares,
+        "busiest_worker_share": shares[0] if shares else None,
     }
     if scenario.bulk:
         row["gbps"] = round(result.bytes / result.seconds / 1e9, 3) if result.seconds else None
@@ -122,6 +127,15 @@ def _idle(port: int, pids: list[int], count: int) -> tuple[load.LoadResult, dict
     result = load.LoadResult(len(socks), opened, 0, 0, failed)
     return result, {"connections": len(socks), "rss_delta_kib": after - before,
                     "rss_per_conn_kib": _round(per_conn)}
+
+
+def _shares(before: dict[int, float], after: dict[int, float]) -> list[float]:
+    """Each worker's (or HAProxy thread's) fraction of the CPU time used, largest first."""
+    used = [after[k] - before.get(k, 0.0) for k in after]
+    total = sum(used)
+    if total <= 0:
+        return []
+    return sorted((round(u / total, 3) for u in used), reverse=True)
 
 
 def _round(x: float | None, digits: int = 3) -> float | None:

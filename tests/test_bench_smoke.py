@@ -51,6 +51,8 @@ def test_quick_run_against_forklb_writes_sane_results(tmp_path: Path) -> None:
     assert 0 < m["p50_ms"] <= m["p99_ms"]
     assert 0 < m["cpu_us_per_req"] < 100_000
     assert m["workers"] == 2
+    assert len(ka["runs"][0]["worker_cpu_share"]) == 2
+    assert 0.5 <= m["busiest_worker_share"] <= 1.0
     assert 5_000 < m["peak_rss_kib_per_worker"] < 1_000_000
     # Only forklb ran: no ratio to nginx.
     assert scen["keepalive-small"]["ratio_forklb_nginx"] == {}
