@@ -155,31 +155,40 @@ def run_scenario(scenario: Scenario, args: argparse.Namespace, settings: Setting
     """Start the proxies for ``scenario``, measure them round-robin, stop them."""
     workdir = tmp / scenario.name
     by_proxy: dict[str, dict[str, Any]] = {}
-    live: list[tuple[str, Proxy, int]] = []
+    live: list[tuple[str, Proxy, configs.ProxyParams]] = []
+
+    def start(name: str, proxy: Proxy, params: configs.ProxyParams) -> bool:
+        try:
+            proxy.start(params, placement.proxy(scenario.workers))
+            warm_up(scenario, proxy, params.port, settings)
+            return True
+        except Exception as e:  # noqa: BLE001 - reported in the table and the JSON
+            proxy.stop()
+            by_proxy[name] = {"error": f"{type(e).__name__}: {e}"}
+            return False
+
     try:
         for name in args.proxies:
             pdir = workdir / name
-            proxy = make_proxy(name, pdir)
-            port = free_port()
             params = configs.ProxyParams(
-                port=port, backends=backends, sinks=sinks, workers=scenario.workers,
+                port=free_port(), backends=backends, sinks=sinks, workers=scenario.workers,
                 nofile=settings.nofile,
                 access_log=str(pdir / "access.log") if scenario.access_log else None)
-            try:
-                proxy.start(params, placement.proxy(scenario.workers))
-                warm_up(scenario, proxy, port, settings)
-            except Exception as e:  # noqa: BLE001 - reported in the table and the JSON
-                proxy.stop()
-                by_proxy[name] = {"error": f"{type(e).__name__}: {e}"}
-                continue
-            by_proxy[name] = {"runs": []}
-            live.append((name, proxy, port))
-        for _ in range(args.rounds):
-            for name, proxy, port in live:
+            proxy = make_proxy(name, pdir)
+            if start(name, proxy, params):
+                by_proxy[name] = {"runs": []}
+                live.append((name, proxy, params))
+        for round_no in range(args.rounds):
+            for name, proxy, params in live:
                 if "error" in by_proxy[name]:
                     continue
+                if round_no and scenario.fresh_each_round:
+                    proxy.stop()
+                    if not start(name, proxy, params):
+                        continue
                 try:
-                    by_proxy[name]["runs"].append(measure(scenario, proxy, port, settings))
+                    by_proxy[name]["runs"].append(measure(scenario, proxy, params.port,
+                                                          settings))
                 except Exception as e:  # noqa: BLE001
                     by_proxy[name] = {"error": f"{type(e).__name__}: {e}",
                                       "traceback": traceback.format_exc()}

@@ -15,6 +15,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from harness import HttpClient, HttpProtocolError, build_request
+
 # wrk calls done() once at the end: exact counts and latency percentiles (µs) as JSON,
 # instead of parsing its rounded human-readable output. No per-request Lua runs.
 WRK_REPORTER = """\
@@ -105,55 +107,34 @@ def open_idle(port: int, count: int, path: str = "/small",
               batch: int = 200, timeout: float = 30.0) -> tuple[list[socket.socket], int]:
     """Open ``count`` connections, make one request on each, and leave them idle.
 
-    Returns the open sockets and how many failed (refused, reset, no full response).
-    Connections are opened in batches so no listen backlog overflows.
+    Returns the open sockets and how many failed (refused, reset, no full 200 response).
+    Connections are opened in batches (send all, then read all) so no listen backlog
+    overflows and the round trips overlap.
     """
-    request = f"GET {path} HTTP/1.1\r\nHost: bench\r\n\r\n".encode()
+    request = build_request("GET", path, host="bench")
     socks: list[socket.socket] = []
     failed = 0
     deadline = time.monotonic() + timeout
     while len(socks) + failed < count and time.monotonic() < deadline:
-        todo = min(batch, count - len(socks) - failed)
         fresh = []
-        for _ in range(todo):
+        for _ in range(min(batch, count - len(socks) - failed)):
             try:
-                s = socket.create_connection(("127.0.0.1", port), timeout=10)
-                s.sendall(request)
-                fresh.append(s)
+                client = HttpClient(port, host="bench", timeout=10)
+                client.send(request)
+                fresh.append(client)
             except OSError:
                 failed += 1
-        for s in fresh:
-            if _read_small_response(s):
-                socks.append(s)
+        for client in fresh:
+            try:
+                ok = client.read_response().status == 200
+            except (OSError, HttpProtocolError):
+                ok = False
+            if ok:
+                socks.append(client.sock)
             else:
                 failed += 1
-                close_hard([s])
-    return socks, failed + (count - len(socks) - failed)
-
-
-def _read_small_response(s: socket.socket) -> bool:
-    """Read one response with a Content-Length body; True if complete and 200."""
-    buf = b""
-    try:
-        while b"\r\n\r\n" not in buf:
-            data = s.recv(4096)
-            if not data:
-                return False
-            buf += data
-        head, _, body = buf.partition(b"\r\n\r\n")
-        length = 0
-        for line in head.split(b"\r\n")[1:]:
-            name, _, value = line.partition(b":")
-            if name.strip().lower() == b"content-length":
-                length = int(value)
-        while len(body) < length:
-            data = s.recv(65536)
-            if not data:
-                return False
-            body += data
-        return head.startswith(b"HTTP/1.1 200")
-    except (OSError, ValueError):
-        return False
+                close_hard([client.sock])
+    return socks, count - len(socks)
 
 
 def close_hard(socks: list[socket.socket]) -> None:

@@ -34,33 +34,28 @@ def tree_pids(pid: int) -> list[int]:
         return []
 
 
+def _stat_seconds(path: str) -> float:
+    """utime+stime from a /proc ``stat`` file, in seconds; 0 if it is gone."""
+    try:
+        # Field 2 (comm) may contain spaces: split after its closing parenthesis.
+        fields = Path(path).read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
 def cpu_seconds(pids: Sequence[int]) -> float:
     """Sum of utime+stime (all threads) of ``pids``, from /proc/PID/stat."""
-    total = 0
-    for pid in pids:
-        try:
-            # Field 2 (comm) may contain spaces: split after its closing parenthesis.
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        total += int(fields[11]) + int(fields[12])
-    return total / CLK_TCK
+    return sum(_stat_seconds(f"/proc/{pid}/stat") for pid in pids)
 
 
 def thread_cpu_seconds(pid: int) -> dict[int, float]:
     """utime+stime of each thread of ``pid`` (from /proc/PID/task/TID/stat)."""
-    out: dict[int, float] = {}
     try:
         tids = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
     except OSError:
-        return out
-    for tid in tids:
-        try:
-            fields = Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        out[tid] = (int(fields[11]) + int(fields[12])) / CLK_TCK
-    return out
+        return {}
+    return {tid: _stat_seconds(f"/proc/{pid}/task/{tid}/stat") for tid in tids}
 
 
 def status_kib(pid: int, key: str) -> int:
