@@ -25,7 +25,16 @@ from harness import free_port
 from bench import REPO_ROOT, configs, load, report
 from bench.procs import Managed, raise_nofile, start_sink
 from bench.proxies import PROXIES, Proxy, make_proxy, start_backends, versions
-from bench.scenarios import BY_NAME, SCENARIOS, Scenario, Settings, measure, warm_up
+from bench.scenarios import (
+    BY_NAME,
+    SCENARIOS,
+    Scenario,
+    Settings,
+    Variant,
+    measure,
+    variants,
+    warm_up,
+)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -155,43 +164,43 @@ def run_scenario(scenario: Scenario, args: argparse.Namespace, settings: Setting
     """Start the proxies for ``scenario``, measure them round-robin, stop them."""
     workdir = tmp / scenario.name
     by_proxy: dict[str, dict[str, Any]] = {}
-    live: list[tuple[str, Proxy, configs.ProxyParams]] = []
+    live: list[tuple[Variant, Proxy, configs.ProxyParams]] = []
 
-    def start(name: str, proxy: Proxy, params: configs.ProxyParams) -> bool:
+    def start(v: Variant, proxy: Proxy, params: configs.ProxyParams) -> bool:
         try:
-            proxy.start(params, placement.proxy(scenario.workers))
+            proxy.start(params, placement.proxy(v.workers))
             warm_up(scenario, proxy, params.port, settings)
             return True
         except Exception as e:  # noqa: BLE001 - reported in the table and the JSON
             proxy.stop()
-            by_proxy[name] = {"error": f"{type(e).__name__}: {e}"}
+            by_proxy[v.key] = {"error": f"{type(e).__name__}: {e}"}
             return False
 
     try:
-        for name in args.proxies:
-            pdir = workdir / name
+        for v in variants(scenario, args.proxies):
+            pdir = workdir / v.key.replace(" ", "-")
             params = configs.ProxyParams(
-                port=free_port(), backends=backends, sinks=sinks, workers=scenario.workers,
+                port=free_port(), backends=backends, sinks=sinks, workers=v.workers,
                 nofile=settings.nofile,
-                access_log=str(pdir / "access.log") if scenario.access_log else None)
-            proxy = make_proxy(name, pdir)
-            if start(name, proxy, params):
-                by_proxy[name] = {"runs": []}
-                live.append((name, proxy, params))
+                access_log=str(pdir / "access.log") if v.access_log else None)
+            proxy = make_proxy(v.proxy, pdir)
+            if start(v, proxy, params):
+                by_proxy[v.key] = {"runs": []}
+                live.append((v, proxy, params))
         for round_no in range(args.rounds):
-            for name, proxy, params in live:
-                if "error" in by_proxy[name]:
+            for v, proxy, params in live:
+                if "error" in by_proxy[v.key]:
                     continue
                 if round_no and scenario.fresh_each_round:
                     proxy.stop()
-                    if not start(name, proxy, params):
+                    if not start(v, proxy, params):
                         continue
                 try:
-                    by_proxy[name]["runs"].append(measure(scenario, proxy, params.port,
-                                                          settings))
+                    by_proxy[v.key]["runs"].append(measure(scenario, proxy, params.port,
+                                                           settings))
                 except Exception as e:  # noqa: BLE001
-                    by_proxy[name] = {"error": f"{type(e).__name__}: {e}",
-                                      "traceback": traceback.format_exc()}
+                    by_proxy[v.key] = {"error": f"{type(e).__name__}: {e}",
+                                       "traceback": traceback.format_exc()}
     finally:
         for _, proxy, _ in live:
             proxy.stop()
@@ -202,7 +211,8 @@ def run_scenario(scenario: Scenario, args: argparse.Namespace, settings: Setting
         "description": scenario.description,
         "params": {"path": scenario.path, "connections": scenario.connections,
                    "headers": list(scenario.headers), "workers": scenario.workers,
-                   "access_log": scenario.access_log, "kind": scenario.kind},
+                   "access_log": scenario.access_log, "kind": scenario.kind,
+                   "baseline": list(scenario.baseline) if scenario.baseline else None},
         "proxies": by_proxy,
         "ratio_forklb_nginx": report.ratios(by_proxy),
     }

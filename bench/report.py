@@ -19,6 +19,7 @@ COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("gbps", "GB/s", "{:>6.2f}"),
     ("rss_per_conn_kib", "RSS/conn KiB", "{:>12.2f}"),
 )
+NAME_WIDTH = 18  # "haproxy 2 workers"
 #: Metrics for which forklb/nginx is reported.
 RATIO_KEYS = ("rps", "p50_ms", "p99_ms", "cpu_us_per_req", "peak_rss_kib_per_worker", "gbps",
               "rss_per_conn_kib")
@@ -49,21 +50,25 @@ def ratios(by_proxy: dict[str, dict[str, Any]], num: str = "forklb",
 
 
 def derived(scenarios: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
-    """Cross-scenario figures: the access log's cost, and 2 workers over 1."""
+    """What the access log costs, and what 2 workers bring over 1, for each proxy.
+
+    Both come from one scenario, whose rows were measured in the same rounds: the
+    access-log rows against their "log off" twins, the 1-worker rows against "2 workers".
+    """
     out: dict[str, dict[str, float]] = {}
 
-    def rps(scenario: str, proxy: str) -> float | None:
-        m = scenarios.get(scenario, {}).get("proxies", {}).get(proxy, {}).get("median") or {}
+    def rps(scenario: str, key: str) -> float | None:
+        m = scenarios.get(scenario, {}).get("proxies", {}).get(key, {}).get("median") or {}
         return m.get("rps")
 
     for proxy in ("forklb", "nginx", "haproxy"):
-        base, logged, one = (rps("keepalive-small", proxy), rps("access-log", proxy),
-                             rps("workers-1", proxy))
         figures = {}
-        if base and logged:
-            figures["access_log_cost"] = round(1 - logged / base, 3)
-        if base and one:
-            figures["workers_2_over_1"] = round(base / one, 3)
+        on, off = rps("access-log", proxy), rps("access-log", f"{proxy} log off")
+        if on and off:
+            figures["access_log_cost"] = round(1 - on / off, 3)
+        one, two = rps("workers-1", proxy), rps("workers-1", f"{proxy} 2 workers")
+        if one and two:
+            figures["workers_2_over_1"] = round(two / one, 3)
         if figures:
             out[proxy] = figures
     return out
@@ -83,21 +88,21 @@ def table(name: str, description: str, by_proxy: dict[str, dict[str, Any]],
     """The printed table of one scenario: one row per proxy, then forklb/nginx."""
     cols = [c for c in COLUMNS
             if any((p.get("median") or {}).get(c[0]) is not None for p in by_proxy.values())]
-    head = f"{'proxy':<13}" + " ".join(f"{h:>{len(f.format(0))}}" for _, h, f in cols)
+    head = f"{'proxy':<{NAME_WIDTH}}" + " ".join(f"{h:>{len(f.format(0))}}" for _, h, f in cols)
     lines = [f"== {name}: {description}", head]
     for proxy, data in by_proxy.items():
         if "error" in data:
-            lines.append(f"{proxy:<13}FAILED: {data['error'].splitlines()[0]}")
+            lines.append(f"{proxy:<{NAME_WIDTH}}FAILED: {data['error'].splitlines()[0]}")
             continue
         m = data["median"]
-        lines.append(f"{proxy:<13}" + " ".join(_cell(k, f, m.get(k)) for k, _, f in cols))
+        lines.append(f"{proxy:<{NAME_WIDTH}}" + " ".join(_cell(k, f, m.get(k)) for k, _, f in cols))
     if ratio:
         cells = []
         for key, _, fmt in cols:
             width = len(fmt.format(0))
             r = ratio.get(key)
             cells.append(f"{r:>{width}.2f}" if r is not None else " " * (width - 1) + "-")
-        lines.append(f"{'forklb/nginx':<13}" + " ".join(cells))
+        lines.append(f"{'forklb/nginx':<{NAME_WIDTH}}" + " ".join(cells))
     return "\n".join(lines)
 
 

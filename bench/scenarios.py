@@ -29,6 +29,10 @@ class Scenario:
     # hands after the connections close, so a second round on the same processes would
     # measure only the growth beyond the first.
     fresh_each_round: bool = False
+    #: Also measured in the same rounds: each proxy with (label, workers, access_log) as
+    #: the row "<proxy> <label>", so that what the scenario changes is priced within one
+    #: run (A A' B B' C C' ...) rather than against another scenario minutes apart.
+    baseline: tuple[str, int, bool] | None = None
 
 
 SCENARIOS: tuple[Scenario, ...] = (
@@ -44,11 +48,33 @@ SCENARIOS: tuple[Scenario, ...] = (
     Scenario("idle-10k", "10,000 idle keep-alive connections (one request each)",
              kind="idle", connections=10000, fresh_each_round=True),
     Scenario("access-log", "as keepalive-small, access_log on (combined, to a file)",
-             access_log=True),
-    Scenario("workers-1", "as keepalive-small, 1 worker (process or thread)", workers=1),
+             access_log=True, baseline=("log off", 2, False)),
+    Scenario("workers-1", "as keepalive-small, 1 worker (process or thread)", workers=1,
+             baseline=("2 workers", 2, False)),
 )
 
 BY_NAME = {s.name: s for s in SCENARIOS}
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One row of a scenario: a proxy with the scenario's settings or its baseline's."""
+
+    key: str  # "forklb", or "forklb log off"
+    proxy: str
+    workers: int
+    access_log: bool
+
+
+def variants(scenario: Scenario, proxies: list[str]) -> list[Variant]:
+    """The rows to measure, each proxy followed by its baseline (if the scenario has one)."""
+    out = []
+    for name in proxies:
+        out.append(Variant(name, name, scenario.workers, scenario.access_log))
+        if scenario.baseline:
+            label, workers, access_log = scenario.baseline
+            out.append(Variant(f"{name} {label}", name, workers, access_log))
+    return out
 
 
 @dataclass

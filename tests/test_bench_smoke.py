@@ -32,16 +32,17 @@ def _run_bench(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess[
 
 def test_quick_run_against_forklb_writes_sane_results(tmp_path: Path) -> None:
     proc, results = _run_bench(
-        tmp_path, "--proxy", "forklb", "--scenario", "keepalive-small,upload-1g,idle-10k",
-        "--duration", "2", "--warmup", "1", "--upload-mib", "64", "--idle-conns", "300")
+        tmp_path, "--proxy", "forklb",
+        "--scenario", "keepalive-small,upload-1g,idle-10k,access-log",
+        "--duration", "1", "--warmup", "1", "--upload-mib", "64", "--idle-conns", "300")
     assert proc.returncode == 0, f"{proc.stdout}\n{proc.stderr}"
     assert "== keepalive-small" in proc.stdout and "forklb" in proc.stdout
 
     meta = results["meta"]
-    assert meta["rounds"] == 1 and meta["duration_s"] == 2
+    assert meta["rounds"] == 1 and meta["duration_s"] == 1
     assert "nginx" in meta["versions"]["nginx"]
     scen = results["scenarios"]
-    assert set(scen) == {"keepalive-small", "upload-1g", "idle-10k"}
+    assert set(scen) == {"keepalive-small", "upload-1g", "idle-10k", "access-log"}
 
     ka = scen["keepalive-small"]["proxies"]["forklb"]
     assert len(ka["runs"]) == 1
@@ -65,6 +66,12 @@ def test_quick_run_against_forklb_writes_sane_results(tmp_path: Path) -> None:
     assert idle["connections"] == 300 and idle["errors"] == 0
     assert idle["rss_per_conn_kib"] is not None and idle["rss_per_conn_kib"] < 1024
 
+    # access-log measures its "log off" twin in the same rounds; the cost is derived.
+    logged = scen["access-log"]["proxies"]
+    assert set(logged) == {"forklb", "forklb log off"}
+    assert all(p["median"]["rps"] > 50 and p["median"]["errors"] == 0 for p in logged.values())
+    assert -1 < results["derived"]["forklb"]["access_log_cost"] < 1
+
 
 def test_unknown_scenario_is_refused(tmp_path: Path) -> None:
     proc = subprocess.run(
@@ -86,10 +93,12 @@ def test_medians_ratios_and_derived_figures() -> None:
     assert report.ratios(by_proxy) == {"rps": 0.75, "p99_ms": 2.0}
     assert report.ratios({"forklb": by_proxy["forklb"]}) == {}
 
-    def scen(rps: float) -> dict:
-        return {"proxies": {"forklb": {"median": {"rps": rps}}}}
+    def scen(main: float, baseline_key: str, baseline: float) -> dict:
+        return {"proxies": {"forklb": {"median": {"rps": main}},
+                            baseline_key: {"median": {"rps": baseline}}}}
 
-    derived = report.derived({"keepalive-small": scen(100.0), "access-log": scen(96.0),
-                              "workers-1": scen(60.0)})
+    derived = report.derived({"access-log": scen(96.0, "forklb log off", 100.0),
+                              "workers-1": scen(60.0, "forklb 2 workers", 100.0),
+                              "keepalive-small": scen(1.0, "forklb log off", 1e9)})
     assert derived == {"forklb": {"access_log_cost": 0.04, "workers_2_over_1": pytest.approx(
         100 / 60, abs=1e-3)}}
