@@ -23,8 +23,8 @@ from typing import Any
 from harness import free_port
 
 from bench import REPO_ROOT, configs, load, report
-from bench.procs import Managed, raise_nofile, start_sink
-from bench.proxies import PROXIES, Proxy, make_proxy, start_backends, versions
+from bench.procs import Managed, raise_nofile
+from bench.proxies import PROXIES, Proxy, make_proxy, start_backends, start_sink, versions
 from bench.scenarios import (
     BY_NAME,
     SCENARIOS,

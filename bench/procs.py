@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import resource
 import subprocess
-import sys
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -166,18 +166,8 @@ def python_env() -> dict[str, str]:
     return env
 
 
-def start_sink(workdir: Path, ports: Sequence[int]) -> Managed:
-    """The upload sink (:mod:`bench.sink`) listening on every port in ``ports``."""
-    sink = Managed("sink", workdir)
-    sink.spawn([sys.executable, "-m", "bench.sink", *map(str, ports)], env=python_env())
-    sink.wait_ports(ports)
-    return sink
-
-
 def raise_nofile(limit: int) -> int:
     """Raise RLIMIT_NOFILE (soft and, as root, hard) towards ``limit``; returns the soft."""
-    import resource
-
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     for new_hard in (max(hard, limit), hard):
         try:

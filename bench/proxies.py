@@ -107,6 +107,14 @@ def start_backends(workdir: Path, ports: tuple[int, int], nofile: int) -> Manage
     return backends
 
 
+def start_sink(workdir: Path, ports: tuple[int, int]) -> Managed:
+    """The upload sink (:mod:`bench.sink`) listening on every port in ``ports``."""
+    sink = Managed("sink", workdir)
+    sink.spawn([sys.executable, "-m", "bench.sink", *map(str, ports)], env=python_env())
+    sink.wait_ports(ports)
+    return sink
+
+
 def versions() -> dict[str, str]:
     """Versions of the programs involved, for results.json."""
     def first_line(argv: list[str]) -> str:
@@ -114,8 +122,8 @@ def versions() -> dict[str, str]:
             out = subprocess.run(argv, capture_output=True, text=True, timeout=10)
         except OSError as e:
             return f"unavailable ({e.strerror})"
-        return (out.stdout + out.stderr).strip().splitlines()[0] if (out.stdout + out.stderr) \
-            else ""
+        lines = (out.stdout + out.stderr).strip().splitlines()
+        return lines[0] if lines else ""
 
     return {
         "nginx": first_line([NGINX, "-v"]),
