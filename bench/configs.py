@@ -94,16 +94,10 @@ def _upstream_lines(ports: tuple[int, int], fmt: str) -> str:
                    for i, (port, w) in enumerate(zip(ports, WEIGHTS, strict=True), 1))
 
 
-def forklb_conf(p: ProxyParams) -> str:
-    """forklb as the proxy under test."""
+def _shared_http(p: ProxyParams) -> str:
+    """The part of ``http {}`` that forklb and nginx share word for word."""
     server = "        server 127.0.0.1:{port} weight={weight};\n"
-    log = f"access_log {p.access_log} combined;" if p.access_log else "access_log off;"
     return f"""\
-worker_processes {p.workers};
-worker_rlimit_nofile {p.nofile};
-events {{ worker_connections {p.connections}; }}
-http {{
-    {log}
     keepalive_timeout 75s;
     keepalive_requests {KEEPALIVE_REQUESTS};
     client_max_body_size 0;
@@ -113,7 +107,19 @@ http {{
     upstream sinks {{
 {_upstream_lines(p.sinks, server)}        keepalive 32;
     }}
-    server {{
+"""
+
+
+def forklb_conf(p: ProxyParams) -> str:
+    """forklb as the proxy under test."""
+    log = f"access_log {p.access_log} combined;" if p.access_log else "access_log off;"
+    return f"""\
+worker_processes {p.workers};
+worker_rlimit_nofile {p.nofile};
+events {{ worker_connections {p.connections}; }}
+http {{
+    {log}
+{_shared_http(p)}    server {{
         listen 127.0.0.1:{p.port} backlog=4096;
         location / {{ proxy_pass http://backends; }}
         location /upload {{ proxy_pass http://sinks; }}
@@ -124,7 +130,6 @@ http {{
 
 def nginx_conf(p: ProxyParams, workdir: str) -> str:
     """Debian nginx as the proxy under test."""
-    server = "        server 127.0.0.1:{port} weight={weight};\n"
     log = (f"access_log {p.access_log} combined buffer=64k flush=1s;" if p.access_log
            else "access_log off;")
     proxy = ("proxy_http_version 1.1; proxy_set_header Connection \"\"; "
@@ -138,16 +143,7 @@ error_log {workdir}/error.log;
 events {{ worker_connections {p.connections}; }}
 http {{
     {log}
-    keepalive_timeout 75s;
-    keepalive_requests {KEEPALIVE_REQUESTS};
-    client_max_body_size 0;
-{_nginx_temp_paths(workdir)}    upstream backends {{
-{_upstream_lines(p.backends, server)}        keepalive 32;
-    }}
-    upstream sinks {{
-{_upstream_lines(p.sinks, server)}        keepalive 32;
-    }}
-    server {{
+{_nginx_temp_paths(workdir)}{_shared_http(p)}    server {{
         listen 127.0.0.1:{p.port} backlog=4096;
         location / {{ proxy_pass http://backends; {proxy} }}
         location /upload {{ proxy_pass http://sinks; {proxy} proxy_request_buffering off; }}
