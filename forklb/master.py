@@ -582,16 +582,19 @@ class Master:
             return
         added: list[tuple[str, int]] = []
         added_clones: list[tuple[tuple[str, int], int]] = []
+        made_reusable: list[socket.socket] = []
         try:
             for listen in config.bound_addresses():
-                if listen.address not in self.sockets:
+                sock = self.sockets.get(listen.address)
+                if sock is None:
                     self.sockets[listen.address] = self._bind(listen)
                     added.append(listen.address)
-                elif listen.reuseport:
+                elif listen.reuseport and not sock.getsockopt(socket.SOL_SOCKET,
+                                                               socket.SO_REUSEPORT):
                     # nginx's add_reuseport: the address's socket becomes slot 0's,
                     # and must allow the other slots' sockets to bind beside it.
-                    self.sockets[listen.address].setsockopt(socket.SOL_SOCKET,
-                                                            socket.SO_REUSEPORT, 1)
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                    made_reusable.append(sock)
             for key in sorted(_clone_keys(config) - self.clones.keys()):
                 self.clones[key] = self._bind(self._listen_of(config, key[0]))
                 added_clones.append(key)
@@ -600,6 +603,8 @@ class Master:
                 self.sockets.pop(address).close()
             for key in added_clones:
                 self.clones.pop(key).close()
+            for sock in made_reusable:  # no other process may bind beside it after all
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 0)
             self.log.emerg(f"{e}; the running configuration is kept")
             return
         self._start_generation(config)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import threading
 import time
 from collections import Counter
@@ -337,6 +338,28 @@ def test_reload_turns_reuseport_on_and_off(forklb_factory):
     assert set(worker_sockets(lb, port, 2).values()) == {shared}
     wait_for(lambda: listening_inodes(port) == {shared}, timeout=10)
     assert run_requests(port, 40) == 40
+
+
+def test_failed_reload_takes_reuseport_back(forklb_factory):
+    """A reload that would add reuseport but fails on another address leaves the shared
+    socket as it was: no other socket may bind beside it."""
+    lb, port = _start(forklb_factory, reuseport=False)
+    (shared,) = set(worker_sockets(lb, port, 2).values())
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        taken = busy.getsockname()[1]
+        lb.write_conf(_conf(port, reuseport=True).replace(
+            " reuseport;", f" reuseport;\n        listen 127.0.0.1:{taken};"))
+        os.kill(lb.master_pid, signal.SIGHUP)
+        wait_for(lambda: "the running configuration is kept" in lb.error_log(), timeout=15,
+                 message=lb.error_log)
+    assert listening_inodes(port) == {shared}
+    with socket.socket() as intruder:
+        intruder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        with pytest.raises(OSError):
+            intruder.bind(("127.0.0.1", port))
+    assert run_requests(port, 20) == 20
 
 
 def test_usr2_upgrade_hands_over_every_slot_socket(forklb_factory):
