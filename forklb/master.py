@@ -24,6 +24,14 @@ closed when no worker of an older generation is left.
 
 USR2 execs a new master that inherits the listening sockets; WINCH stops the
 workers only; a worker whose heartbeat (scoreboard) goes silent is killed.
+
+``listen ... reuseport`` (nginx's ``ngx_clone_listening``): the master binds one
+SO_REUSEPORT socket per worker *slot* and the worker in slot N serves only
+socket N.  The sockets belong to the master, keyed by (address, slot), so a
+worker respawned into slot N, or the next generation's worker N, takes the
+same socket and the connections queued on it are served, not lost.  Slot 0's
+socket is the address's entry in ``Master.sockets``; slots 1.. are in
+``Master.clones``.
 """
 
 from __future__ import annotations
@@ -156,6 +164,8 @@ class Master:
         self.pid = os.getpid()
         self.children: dict[int, Child] = {}
         self.sockets: dict[tuple[str, int], socket.socket] = {}
+        # reuseport: the sockets of worker slots 1.. (slot 0 uses self.sockets)
+        self.clones: dict[tuple[tuple[str, int], int], socket.socket] = {}
         self.generation = Generation(1, config)
         self.generations_started = 1
         self.pending: Generation | None = None  # a reload waiting for its workers to be ready
@@ -182,29 +192,48 @@ class Master:
         """Bind every configured address (before forking: errors are fatal here).
 
         Sockets handed over by a previous master (USR2) or by systemd are used
-        for the addresses they are bound to; the rest are bound here.
+        for the addresses they are bound to (a reuseport address's per-slot
+        sockets too, in the order they were handed over); the rest are bound here.
         """
-        inherited = {}
+        inherited: dict[tuple[str, int], list[socket.socket]] = {}
         for fd in systemd.inherited_fds():
             sock = socket.socket(fileno=fd)
-            inherited[sock.getsockname()[:2]] = sock
+            inherited.setdefault(sock.getsockname()[:2], []).append(sock)
         for listen in self.config.bound_addresses():
-            sock = inherited.pop(listen.address, None)
-            if sock is None:
-                sock = self._bind(listen)
-            else:
-                sock.setblocking(False)
-                sock.set_inheritable(True)
-            self.sockets[listen.address] = sock
-        for address, sock in inherited.items():
-            self.log.notice(f"closing inherited socket {address[0]}:{address[1]}: not in config")
-            sock.close()
+            self.sockets[listen.address] = self._take(listen, inherited)
+        for key in sorted(_clone_keys(self.config)):
+            listen = self._listen_of(self.config, key[0])
+            self.clones[key] = self._take(listen, inherited)
+        for address, socks in inherited.items():
+            for sock in socks:
+                self.log.notice(f"closing inherited socket {address[0]}:{address[1]}: "
+                                "not in config")
+                sock.close()
+
+    def _take(self, listen: Listen,
+              inherited: dict[tuple[str, int], list[socket.socket]]) -> socket.socket:
+        """An inherited socket for ``listen``'s address if one is left, else a new one."""
+        socks = inherited.get(listen.address)
+        if not socks:
+            return self._bind(listen)
+        sock = socks.pop(0)
+        sock.setblocking(False)
+        sock.set_inheritable(True)
+        if listen.reuseport:  # it may come from a configuration without reuseport
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        return sock
+
+    @staticmethod
+    def _listen_of(config: Config, address: tuple[str, int]) -> Listen:
+        return next(lst for lst in config.listen_addresses() if lst.address == address)
 
     def _bind(self, listen: Listen) -> socket.socket:
         family = socket.AF_INET6 if ":" in listen.host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if listen.reuseport:  # before bind(): the kernel groups the slots' sockets
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             if family == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             sock.bind(listen.address)
@@ -223,17 +252,30 @@ class Master:
         sock.set_inheritable(True)
         return sock
 
-    def _keep_only(self, listens: tuple[Listen, ...]) -> dict[tuple[str, int], socket.socket]:
+    def _keep_only(self, listens: tuple[Listen, ...],
+                   slot: int = 0) -> dict[tuple[str, int], socket.socket]:
         """In a child: close the listening sockets it does not serve, return the rest.
 
         A child must not hold other addresses: a reload that drops an address
-        closes it only once no process holds it.
+        closes it only once no process holds it.  On a reuseport address the
+        child keeps only its slot's socket: another slot's socket held here would
+        outlive that slot's worker and take connections nobody accepts.
         """
-        wanted = {lst.address for lst in listens}
-        for address, sock in self.sockets.items():
-            if address not in wanted:
+        wanted = {}
+        for lst in listens:
+            if lst.reuseport and slot:
+                wanted[lst.address] = self.clones[(lst.address, slot)]
+            else:
+                wanted[lst.address] = self.sockets[lst.address]
+        kept = {id(sock) for sock in wanted.values()}
+        for sock in self._all_sockets():
+            if id(sock) not in kept:
                 sock.close()
-        return {address: self.sockets[address] for address in wanted}
+        return wanted
+
+    def _all_sockets(self) -> list[socket.socket]:
+        """Every listening socket, slot 0 / shared ones first, then per slot."""
+        return [*self.sockets.values(), *(self.clones[key] for key in sorted(self.clones))]
 
     def run(self) -> int:
         """The master loop; returns the exit status."""
@@ -269,7 +311,9 @@ class Master:
         return 0
 
     def _describe(self) -> str:
-        listens = ", ".join(f"{h}:{p}" for h, p in self.sockets)
+        reuseport = self.config.reuseport_addresses()
+        listens = ", ".join(f"{h}:{p}" + (" (reuseport)" if (h, p) in reuseport else "")
+                            for h, p in self.sockets)
         return f"{worker_count(self.config)} workers, listening on {listens or 'nothing'}"
 
     def _setup(self) -> None:
@@ -290,9 +334,10 @@ class Master:
 
     def _cleanup(self) -> None:
         signal.set_wakeup_fd(-1)
-        for sock in self.sockets.values():
+        for sock in self._all_sockets():
             sock.close()
         self.sockets.clear()
+        self.clones.clear()
         remove_pid(self.pid_path)
 
     # -- the loop --
@@ -389,7 +434,8 @@ class Master:
             try:
                 os.close(status_r)
                 self._close_in_child()
-                role.target(self, gen, slot, status_w, self._keep_only(role.listens(gen.config)))
+                role.target(self, gen, slot, status_w,
+                            self._keep_only(role.listens(gen.config), slot))
             finally:
                 os._exit(1)
         os.close(status_w)
@@ -524,9 +570,10 @@ class Master:
             self._stop_children(signal.SIGQUIT, grace)
         # Workers close their copies as they stop; closing ours too makes new
         # connections fail at once instead of waiting in a backlog nobody serves.
-        for sock in self.sockets.values():
+        for sock in self._all_sockets():
             sock.close()
         self.sockets.clear()
+        self.clones.clear()
 
     def reload(self) -> None:
         """HUP.  At most two generations of workers live at once: while one is
@@ -556,14 +603,30 @@ class Master:
             self.stats.reloaded(False, time.time())
             return
         added: list[tuple[str, int]] = []
+        added_clones: list[tuple[tuple[str, int], int]] = []
+        made_reusable: list[socket.socket] = []
         try:
             for listen in config.bound_addresses():
-                if listen.address not in self.sockets:
+                sock = self.sockets.get(listen.address)
+                if sock is None:
                     self.sockets[listen.address] = self._bind(listen)
                     added.append(listen.address)
+                elif listen.reuseport and not sock.getsockopt(socket.SOL_SOCKET,
+                                                               socket.SO_REUSEPORT):
+                    # nginx's add_reuseport: the address's socket becomes slot 0's,
+                    # and must allow the other slots' sockets to bind beside it.
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                    made_reusable.append(sock)
+            for key in sorted(_clone_keys(config) - self.clones.keys()):
+                self.clones[key] = self._bind(self._listen_of(config, key[0]))
+                added_clones.append(key)
         except StartupError as e:
             for address in added:
                 self.sockets.pop(address).close()
+            for key in added_clones:
+                self.clones.pop(key).close()
+            for sock in made_reusable:  # no other process may bind beside it after all
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 0)
             self.log.emerg(f"{e}; the running configuration is kept")
             self.stats.reloaded(False, time.time())
             return
@@ -643,7 +706,8 @@ class Master:
             return
         self.pid_path = oldbin
         env = dict(os.environ)
-        env[systemd.INHERIT_ENV] = ";".join(str(s.fileno()) for s in self.sockets.values())
+        # Per-slot sockets too, slot 0 first: the new master takes them in this order.
+        env[systemd.INHERIT_ENV] = ";".join(str(s.fileno()) for s in self._all_sockets())
         argv = [sys.executable, *sys.orig_argv[1:]]
         pid = os.fork()
         if pid == 0:
@@ -670,12 +734,37 @@ class Master:
         wanted = {lst.address for lst in self.generation.config.bound_addresses()}
         if self.pending:
             wanted |= {lst.address for lst in self.pending.config.bound_addresses()}
+        self._close_unused_clones()
         if any(c.generation < self.generation.number for c in self.children.values()):
             return  # older workers may still be draining on them
         for address in list(self.sockets):
             if address not in wanted:
                 self.sockets.pop(address).close()
                 self.log.notice(f"closed listening socket {address[0]}:{address[1]}")
+
+    def _close_unused_clones(self) -> None:
+        """Drop the per-slot sockets that neither the current nor the starting
+        generation has a worker slot for (fewer workers, reuseport removed).
+
+        Done as soon as the older generation is retired, not when its workers
+        have exited: a retired worker stops accepting at QUIT, so a socket still
+        open here would only collect connections that are reset when it closes
+        (the kernel drops a closed socket's queue, as with nginx).  The retired
+        worker's own copy keeps the socket alive until it stops accepting.
+        """
+        wanted = _clone_keys(self.generation.config)
+        if self.pending:
+            wanted |= _clone_keys(self.pending.config)
+        for key in sorted(self.clones.keys() - wanted):
+            self.clones.pop(key).close()
+            (host, port), slot = key
+            self.log.notice(f"closed listening socket {host}:{port} of worker slot {slot}")
+
+
+def _clone_keys(config: Config) -> set[tuple[tuple[str, int], int]]:
+    """(address, slot) of every per-slot socket ``config`` needs beyond slot 0's."""
+    return {(address, slot) for address in config.reuseport_addresses()
+            for slot in range(1, worker_count(config))}
 
 
 def _noop_handler(signum, frame) -> None:

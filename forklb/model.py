@@ -33,10 +33,17 @@ class Listen:
     default_server: bool = False
     backlog: int = 511
     ssl: bool = False  # "listen ... ssl": TLS is terminated on this address
+    # "listen ... reuseport": one SO_REUSEPORT socket per worker slot, bound by the master
+    reuseport: bool = False
 
     @property
     def address(self) -> Address:
         return (self.host, self.port)
+
+    @property
+    def has_options(self) -> bool:
+        """Carries socket options (nginx's ``lsopt.set``); one listen per address may."""
+        return self.reuseport or self.backlog != 511
 
 
 @dataclass(frozen=True, slots=True)
@@ -312,12 +319,22 @@ class Config:
                          for lst in server.listens if lst.ssl)
 
     def listen_addresses(self) -> tuple[Listen, ...]:
-        """One :class:`Listen` per distinct address, first declaration wins."""
+        """One :class:`Listen` per distinct address, in first-declaration order.
+
+        The declaration carrying socket options (backlog=, reuseport) stands for the
+        address wherever it is written, as nginx copies ``lsopt`` over the address.
+        """
         seen: dict[Address, Listen] = {}
         for server in self.http.servers:
             for listen in server.listens:
-                seen.setdefault(listen.address, listen)
+                first = seen.get(listen.address)
+                if first is None or (listen.has_options and not first.has_options):
+                    seen[listen.address] = listen
         return tuple(seen.values())
+
+    def reuseport_addresses(self) -> frozenset[Address]:
+        """Addresses served through one socket per worker slot."""
+        return frozenset(lst.address for lst in self.listen_addresses() if lst.reuseport)
 
     @property
     def needs_sidecar(self) -> bool:

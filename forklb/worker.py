@@ -297,7 +297,9 @@ class Worker:
             gsock = socket.socket(fileno=sock.detach())
             server = Acceptor(gsock, self._handler(listener), pool, self.log,
                               show_address(*address))
-            server.max_accept = 4  # small bursts: leave the rest of the backlog to other workers
+            # gevent accepts up to max_accept (default 100) per wake-up: small bursts leave
+            # the rest of a shared backlog to other workers (docs/ARCHITECTURE.md)
+            server.max_accept = 4
             server.start()
             self.servers.append(server)
         self.exit_event = Event()

@@ -905,6 +905,9 @@ _SERVER = "    server {\n        listen 127.0.0.1:1;\n%s\n    }\n"
                      "    upstream u { server 127.0.0.1:9; }", id="duplicate-upstream"),
         pytest.param(_SERVER % "        location / {\n proxy_pass http://nohost.invalid; }",
                      id="host-not-found"),
+        pytest.param("    server {\n        listen 127.0.0.1:1 reuseport default_server;\n    }\n"
+                     "    server {\n        listen 127.0.0.1:1 backlog=9;\n    }",
+                     id="reuseport-duplicate-listen-options"),
     ],
 )
 def test_config_errors_match_nginx(tmp_path, body: str) -> None:

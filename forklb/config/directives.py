@@ -560,7 +560,7 @@ def _listen(value):
         except ValueError:
             raise DirectiveError(f'host not found in "{address}" of the "listen" directive'
                                  ) from None
-    default_server, backlog, ssl = False, 511, False
+    default_server, backlog, ssl, reuseport = False, 511, False, False
     for param in params:
         if param in ("default_server", "default"):
             default_server = True
@@ -568,9 +568,11 @@ def _listen(value):
             ssl = True
         elif param.startswith("backlog="):
             backlog = _backlog(param)
+        elif param == "reuseport":  # one socket per worker slot (ngx_clone_listening)
+            reuseport = True
         else:
             raise DirectiveError(f'invalid parameter "{param}"')
-    return (host, port, default_server, backlog, ssl)
+    return (host, port, default_server, backlog, ssl, reuseport)
 
 
 def _backlog(param: str) -> int:

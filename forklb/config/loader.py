@@ -200,7 +200,8 @@ class _Builder:
         self.upstreams: dict[str, Upstream] = {}
         self.upstream_names: dict[str, str] = {}  # lower-case name -> name as declared
         self.default_listens: set[tuple[str, int]] = set()  # addresses with a default server
-        self.listen_options: set[tuple[str, int]] = set()  # addresses given a backlog=
+        # addresses given listen options (backlog=, reuseport): nginx's lsopt.set
+        self.listen_options: set[tuple[str, int]] = set()
         self.tls_loaded: set[Tls] = set()  # ssl settings whose files loaded fine
         full = path if os.path.isabs(path) else os.path.join(prefix, path)
         self.conf_dir = os.path.dirname(full)  # nginx's conf prefix: ssl_* files resolve here
@@ -268,11 +269,13 @@ class _Builder:
         if not blocks:
             return None
         d, block = blocks[0]
-        for ld, (*_address, ssl) in zip(block.where.get("listen", []), block.values["listen"],
-                                        strict=True):
+        for ld, (*_address, ssl, reuseport) in zip(block.where.get("listen", []),
+                                                   block.values["listen"], strict=True):
             if ssl:
                 raise _fail('the sidecar does not support the "ssl" parameter', ld)
-        listens = tuple(Listen(h, p, ds, bl) for h, p, ds, bl, _ssl in block.values["listen"])
+            if reuseport:  # one process: nothing to spread
+                raise _fail('the sidecar does not support the "reuseport" parameter', ld)
+        listens = tuple(Listen(h, p, ds, bl) for h, p, ds, bl, *_ in block.values["listen"])
         listens = listens or (DEFAULT_SIDECAR_LISTEN,)
         taken = {lst.address for server in http.servers for lst in server.listens}
         for listen in listens:
@@ -421,12 +424,13 @@ class _Builder:
         if not entries:
             return (Listen("0.0.0.0", 80),)
         listens: list[Listen] = []
-        for ld, (host, port, default_server, backlog, ssl) in zip(where, entries, strict=True):
-            listen = Listen(host, port, default_server, backlog, ssl)
+        for ld, (host, port, default_server, backlog, ssl, reuseport) in zip(where, entries,
+                                                                             strict=True):
+            listen = Listen(host, port, default_server, backlog, ssl, reuseport)
             shown = show_address(host, port)
             if any(other.address == listen.address for other in listens):
                 raise _fail(f"a duplicate listen {shown}", ld)
-            if any(a.text.startswith("backlog=") for a in ld.args[1:]):
+            if any(a.text.startswith("backlog=") or a.text == "reuseport" for a in ld.args[1:]):
                 if listen.address in self.listen_options:
                     raise _fail(f"duplicate listen options for {shown}", ld)
                 self.listen_options.add(listen.address)
