@@ -182,7 +182,8 @@ def run_scenario(scenario: Scenario, args: argparse.Namespace, settings: Setting
             params = configs.ProxyParams(
                 port=free_port(), backends=backends, sinks=sinks, workers=v.workers,
                 nofile=settings.nofile,
-                access_log=str(pdir / "access.log") if v.access_log else None)
+                access_log=str(pdir / "access.log") if v.access_log else None,
+                metrics=v.metrics)
             proxy = make_proxy(v.proxy, pdir)
             if start(v, proxy, params):
                 by_proxy[v.key] = {"runs": []}

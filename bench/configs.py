@@ -41,6 +41,7 @@ class ProxyParams:
     sinks: tuple[int, int]
     workers: int = 2
     access_log: str | None = None  # a file path, or None for off
+    metrics: bool = True  # forklb only: False runs its workers with FORKLB_METRICS=off
     nofile: int = NOFILE  # the open-files limit the proxies can actually get
 
     @property

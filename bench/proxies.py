@@ -22,14 +22,14 @@ class Proxy(Managed):
         """Write the config, start with ``cpus`` as affinity, wait until it accepts."""
         argv = self.prepare(params)
         with affinity(cpus):
-            self.spawn(argv, env=self.env(), stdout_name=self.stdout_name(params))
+            self.spawn(argv, env=self.env(params), stdout_name=self.stdout_name(params))
         self.wait_ports([params.port])
         return self
 
     def prepare(self, params: configs.ProxyParams) -> list[str]:
         raise NotImplementedError
 
-    def env(self) -> dict[str, str] | None:
+    def env(self, params: configs.ProxyParams) -> dict[str, str] | None:
         return None
 
     def stdout_name(self, params: configs.ProxyParams) -> str:
@@ -56,8 +56,11 @@ class ForkLBProxy(Proxy):
         conf.write_text(configs.forklb_conf(params))
         return [sys.executable, "-m", "forklb", "-p", str(self.workdir), "-c", str(conf)]
 
-    def env(self) -> dict[str, str]:
-        return python_env()
+    def env(self, params: configs.ProxyParams) -> dict[str, str]:
+        env = python_env()
+        if not params.metrics:
+            env["FORKLB_METRICS"] = "off"  # the workers' recorder counts nothing
+        return env
 
 
 class NginxProxy(Proxy):

@@ -50,10 +50,11 @@ def ratios(by_proxy: dict[str, dict[str, Any]], num: str = "forklb",
 
 
 def derived(scenarios: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
-    """What the access log costs, and what 2 workers bring over 1, for each proxy.
+    """What the access log (and forklb's metrics) cost, and what 2 workers bring over 1.
 
-    Both come from one scenario, whose rows were measured in the same rounds: the
-    access-log rows against their "log off" twins, the 1-worker rows against "2 workers".
+    Each comes from one scenario, whose rows were measured in the same rounds: the
+    access-log rows against their "log off" twins, the metrics rows against "metrics off",
+    the 1-worker rows against "2 workers".
     """
     out: dict[str, dict[str, float]] = {}
 
@@ -66,6 +67,12 @@ def derived(scenarios: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]
         on, off = rps("access-log", proxy), rps("access-log", f"{proxy} log off")
         if on and off:
             figures["access_log_cost"] = round(1 - on / off, 3)
+        on, off = rps("metrics", proxy), rps("metrics", f"{proxy} metrics off")
+        if on and off:
+            figures["metrics_cost"] = round(1 - on / off, 3)
+        on, off = rps("metrics-log", proxy), rps("metrics-log", f"{proxy} metrics+log off")
+        if on and off:
+            figures["metrics_and_log_cost"] = round(1 - on / off, 3)
         one, two = rps("workers-1", proxy), rps("workers-1", f"{proxy} 2 workers")
         if one and two:
             figures["workers_2_over_1"] = round(two / one, 3)

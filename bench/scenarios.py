@@ -24,15 +24,17 @@ class Scenario:
     headers: tuple[str, ...] = ()
     workers: int = 2
     access_log: bool = False
+    metrics: bool = True  # forklb's counting of metrics (the sidecar's /metrics)
     bulk: bool = False  # report GB/s: the body size is what matters
     # Restart the proxies before every round: memory a round grew stays in the allocator's
     # hands after the connections close, so a second round on the same processes would
     # measure only the growth beyond the first.
     fresh_each_round: bool = False
-    #: Also measured in the same rounds: each proxy with (label, workers, access_log) as
-    #: the row "<proxy> <label>", so that what the scenario changes is priced within one
-    #: run (A A' B B' C C' ...) rather than against another scenario minutes apart.
-    baseline: tuple[str, int, bool] | None = None
+    #: Also measured in the same rounds: each proxy with (label, workers, access_log,
+    #: metrics) as the row "<proxy> <label>", so that what the scenario changes is priced
+    #: within one run (A A' B B' C C' ...) rather than against another scenario minutes apart.
+    baseline: tuple[str, int, bool, bool] | None = None
+    only: tuple[str, ...] = ()  # the proxies it applies to (empty: all)
 
 
 SCENARIOS: tuple[Scenario, ...] = (
@@ -48,9 +50,14 @@ SCENARIOS: tuple[Scenario, ...] = (
     Scenario("idle-10k", "10,000 idle keep-alive connections (one request each)",
              kind="idle", connections=10000, fresh_each_round=True),
     Scenario("access-log", "as keepalive-small, access_log on (combined, to a file)",
-             access_log=True, baseline=("log off", 2, False)),
+             access_log=True, baseline=("log off", 2, False, True)),
     Scenario("workers-1", "as keepalive-small, 1 worker (process or thread)", workers=1,
-             baseline=("2 workers", 2, False)),
+             baseline=("2 workers", 2, False, True)),
+    Scenario("metrics", "as keepalive-small; forklb's metrics counting on, against off",
+             baseline=("metrics off", 2, False, False), only=("forklb",)),
+    Scenario("metrics-log", "as keepalive-small; forklb's metrics and access log on, "
+             "against both off", access_log=True,
+             baseline=("metrics+log off", 2, False, False), only=("forklb",)),
 )
 
 BY_NAME = {s.name: s for s in SCENARIOS}
@@ -64,16 +71,19 @@ class Variant:
     proxy: str
     workers: int
     access_log: bool
+    metrics: bool = True
 
 
 def variants(scenario: Scenario, proxies: list[str]) -> list[Variant]:
     """The rows to measure, each proxy followed by its baseline (if the scenario has one)."""
     out = []
     for name in proxies:
-        out.append(Variant(name, name, scenario.workers, scenario.access_log))
+        if scenario.only and name not in scenario.only:
+            continue
+        out.append(Variant(name, name, scenario.workers, scenario.access_log, scenario.metrics))
         if scenario.baseline:
-            label, workers, access_log = scenario.baseline
-            out.append(Variant(f"{name} {label}", name, workers, access_log))
+            label, workers, access_log, metrics = scenario.baseline
+            out.append(Variant(f"{name} {label}", name, workers, access_log, metrics))
     return out
 
 

@@ -33,7 +33,7 @@ def _run_bench(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess[
 def test_quick_run_against_forklb_writes_sane_results(tmp_path: Path) -> None:
     proc, results = _run_bench(
         tmp_path, "--proxy", "forklb",
-        "--scenario", "keepalive-small,upload-1g,idle-10k,access-log",
+        "--scenario", "keepalive-small,upload-1g,idle-10k,access-log,metrics",
         "--duration", "1", "--warmup", "1", "--upload-mib", "64", "--idle-conns", "300")
     assert proc.returncode == 0, f"{proc.stdout}\n{proc.stderr}"
     assert "== keepalive-small" in proc.stdout and "forklb" in proc.stdout
@@ -42,7 +42,7 @@ def test_quick_run_against_forklb_writes_sane_results(tmp_path: Path) -> None:
     assert meta["rounds"] == 1 and meta["duration_s"] == 1
     assert "nginx" in meta["versions"]["nginx"]
     scen = results["scenarios"]
-    assert set(scen) == {"keepalive-small", "upload-1g", "idle-10k", "access-log"}
+    assert set(scen) == {"keepalive-small", "upload-1g", "idle-10k", "access-log", "metrics"}
 
     ka = scen["keepalive-small"]["proxies"]["forklb"]
     assert len(ka["runs"]) == 1
@@ -71,6 +71,12 @@ def test_quick_run_against_forklb_writes_sane_results(tmp_path: Path) -> None:
     assert set(logged) == {"forklb", "forklb log off"}
     assert all(p["median"]["rps"] > 50 and p["median"]["errors"] == 0 for p in logged.values())
     assert -1 < results["derived"]["forklb"]["access_log_cost"] < 1
+
+    # metrics: forklb with its workers' counting on, and off (FORKLB_METRICS=off).
+    counted = scen["metrics"]["proxies"]
+    assert set(counted) == {"forklb", "forklb metrics off"}
+    assert all(p["median"]["rps"] > 50 and p["median"]["errors"] == 0 for p in counted.values())
+    assert -1 < results["derived"]["forklb"]["metrics_cost"] < 1
 
 
 def test_unknown_scenario_is_refused(tmp_path: Path) -> None:

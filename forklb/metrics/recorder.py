@@ -163,7 +163,7 @@ def failure_reason(error: Any) -> int:
 
 
 class NullRecorder(Recorder):
-    """Counts nothing: ``FORKLB_METRICS=off``, for bench/metrics_cost.py only (the hooks'
+    """Counts nothing: ``FORKLB_METRICS=off``, for the bench's metrics scenarios only (the hooks'
     calls remain, so the difference measured is the counting itself)."""
 
     def __init__(self) -> None:
