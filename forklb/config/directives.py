@@ -152,6 +152,8 @@ TABLE: tuple[Spec, ...] = (
           inherit=True),
     _spec("proxy_http_version", _HTTP_LEVELS, 1, check="http_version(default=1.1)",
           inherit=True),
+    # forklb's own: zero-copy relaying of large bodies (forklb.http.splice)
+    _spec("proxy_splice", _HTTP_LEVELS, 1, check="flag(default=on)", inherit=True),
 )
 
 # "include" is expanded by the parser in every context; it is listed so the
