@@ -1,0 +1,129 @@
+"""forklb.http.splice on real loopback TCP sockets, in this process under gevent.
+
+Each test moves bytes src → pipe → dst with :func:`splice.relay` and checks
+what arrived, what stayed in the source and how failures are reported.
+"""
+
+from __future__ import annotations
+
+import os
+
+import gevent
+import pytest
+from gevent import socket
+
+from forklb.http import splice
+
+
+def tcp_pair() -> tuple[socket.socket, socket.socket]:
+    """Two connected loopback TCP sockets (gevent's, so fds are non-blocking)."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+    client = socket.create_connection(server.getsockname())
+    accepted, _ = server.accept()
+    server.close()
+    return client, accepted
+
+
+@pytest.fixture
+def pairs():
+    """(writer, src) and (dst, reader): relay reads src and writes dst."""
+    writer, src = tcp_pair()
+    dst, reader = tcp_pair()
+    yield writer, src, dst, reader
+    for s in (writer, src, dst, reader):
+        s.close()
+
+
+def read_exact(sock: socket.socket, n: int) -> bytes:
+    out = bytearray()
+    while len(out) < n:
+        data = sock.recv(n - len(out))
+        if not data:
+            break
+        out += data
+    return bytes(out)
+
+
+def idle(moved: int) -> float:
+    return 5.0
+
+
+def test_relay_moves_exactly_n_bytes_and_leaves_the_rest(pairs):
+    writer, src, dst, reader = pairs
+    body = os.urandom(3 * 1024 * 1024 + 7)
+    sender = gevent.spawn(writer.sendall, body + b"NEXT")
+    received = gevent.spawn(read_exact, reader, len(body))
+    assert splice.relay(src.fileno(), dst.fileno(), len(body), idle, 5.0) == len(body)
+    sender.get(timeout=10)
+    assert received.get(timeout=10) == body
+    # The next message's bytes stay in the source socket.
+    assert read_exact(src, 4) == b"NEXT"
+    assert splice._working is True and len(splice._free) >= 1
+
+
+def test_source_eof_delivers_what_came_then_reports_it(pairs):
+    writer, src, dst, reader = pairs
+    writer.sendall(b"x" * 1000)
+    writer.close()
+    with pytest.raises(splice.SpliceFailed) as info:
+        splice.relay(src.fileno(), dst.fileno(), 5000, idle, 5.0)
+    assert (info.value.side, info.value.kind, info.value.moved) == ("src", "eof", 1000)
+    assert read_exact(reader, 1000) == b"x" * 1000
+
+
+def test_source_timeout_reports_the_wait(pairs):
+    writer, src, dst, reader = pairs
+    writer.sendall(b"y" * 10)
+    with pytest.raises(splice.SpliceFailed) as info:
+        splice.relay(src.fileno(), dst.fileno(), 100, lambda moved: 0.2, 5.0)
+    e = info.value
+    assert (e.side, e.kind, e.moved, e.waited) == ("src", "timeout", 10, 0.2)
+
+
+def test_destination_gone_is_a_dst_error_and_the_pipe_is_not_pooled(pairs):
+    writer, src, dst, reader = pairs
+    reader.close()
+    gevent.sleep(0.05)
+    free = len(splice._free)
+    sender = gevent.spawn(writer.sendall, b"z" * (4 << 20))
+    with pytest.raises(splice.SpliceFailed) as info:
+        splice.relay(src.fileno(), dst.fileno(), 4 << 20, idle, 5.0)
+    assert (info.value.side, info.value.kind) == ("dst", "error")
+    assert info.value.err is not None
+    assert len(splice._free) <= free  # a pipe that may hold bytes is closed
+    sender.kill()
+
+
+def test_destination_stalled_times_out(pairs):
+    writer, src, dst, reader = pairs  # nobody reads ``reader``
+    sender = gevent.spawn(writer.sendall, b"w" * (64 << 20))
+    with pytest.raises(splice.SpliceFailed) as info:
+        splice.relay(src.fileno(), dst.fileno(), 64 << 20, idle, 0.3)
+    assert (info.value.side, info.value.kind) == ("dst", "timeout")
+    assert 0 < info.value.moved < 64 << 20
+    sender.kill()
+
+
+def test_usable_refuses_tls_sockets():
+    class FakeTls:
+        def cipher(self):
+            return None
+
+    assert splice.usable(object(), object()) is (splice._working is not False)
+    assert splice.usable(object(), FakeTls()) is False
+
+
+def test_rate_timeout_follows_client_body_min_rate():
+    clock = [100.0]
+    plain = splice.rate_timeout(60.0, 0, 100.0, 0, lambda: clock[0])
+    assert plain(10**9) == 60.0
+    # 10 s of grace, then each byte buys 1/1000 s: 5000 bytes read before, 0 since.
+    timed = splice.rate_timeout(10.0, 1000, 100.0, 5000, lambda: clock[0])
+    assert timed(0) == 10.0  # the idle timeout binds at first
+    clock[0] = 112.0
+    assert timed(0) == pytest.approx(3.0)  # 100 + 10 + 5 - 112
+    assert timed(2000) == pytest.approx(5.0)
+    clock[0] = 120.0
+    assert timed(0) <= 0  # already too slow
