@@ -121,7 +121,7 @@ def main() -> None:
     files = NginxBackend(tmp, server_directives=f"location /files/ {{ alias {tmp}/files/; }}")
     files.start()
     try:
-        for splice in ("on", "off"):
+        for splice in os.environ.get("MODES", "on off").split():
             port = free_port()
             lb = ForkLB(tmp, FORKLB_CONF.format(
                 splice=splice, stream=stream.port, files=files.port, port=port),

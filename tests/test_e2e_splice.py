@@ -22,7 +22,10 @@ import pytest
 from harness import ForkLB, free_port, wait_for
 from test_tls import make_cert
 
-DATA = random.Random(11).randbytes(8 << 20)
+MIB = 1 << 20
+DATA = random.Random(11).randbytes(4 * MIB) * 10  # 40 MiB
+SPLICED = 17 * MIB  # from splice.SPLICE_MIN (16 MiB) on, bodies are spliced
+COPIED = MIB  # from 64 KiB: copied with recv_into, no pipe
 
 
 def expected(n: int) -> bytes:
@@ -122,7 +125,7 @@ class SpliceBackend:
                 sock.sendall(b"HTTP/1.1 200 OK\r\n%sContent-Length: %d\r\n\r\n" % (tag, n))
                 if kind == b"dl":
                     while n > 0:  # DATA again for bodies longer than it
-                        sock.sendall(DATA[:n])
+                        sock.sendall(memoryview(DATA)[:n])
                         n -= len(DATA)
                     continue
                 sock.sendall(expected(n // 2))
@@ -221,9 +224,10 @@ def get(sock: socket.socket, reader: Reader, path: str) -> tuple[bytes, dict, by
     return status, fields, reader.body(int(fields[b"content-length"]))
 
 
-def test_download_is_spliced_exact_and_both_connections_stay_alive(setup):
+@pytest.mark.parametrize("n", [SPLICED + 7, COPIED + 7])
+def test_download_is_exact_and_both_connections_stay_alive(setup, n):
     s = setup
-    n = 3 * (1 << 20) + 7
+    pipes_made = 2 if n >= SPLICED else 0
     with connect(s) as sock:
         reader = Reader(sock)
         status, fields, body = get(sock, reader, "/dl/100")  # small: copied
@@ -234,19 +238,19 @@ def test_download_is_spliced_exact_and_both_connections_stay_alive(setup):
         assert len(body) == n
         assert hashlib.sha256(body).digest() == hashlib.sha256(expected(n)).digest()
         first = fields[b"x-conn"]
-        # The pooled pipe: the body went by splice.
-        assert fds(s.worker).get("pipe", 0) == pipes + 2
+        # The pooled pipe: the body went by splice (only a large one).
+        assert fds(s.worker).get("pipe", 0) == pipes + pipes_made
         # Same client connection, same upstream connection, next body right.
         status, fields, body = get(sock, reader, f"/dl/{n - 1}")
         assert body == expected(n - 1) and fields[b"x-conn"] == first
         # The pipe is reused, not one per body.
-        assert fds(s.worker).get("pipe", 0) == pipes + 2
+        assert fds(s.worker).get("pipe", 0) == pipes + pipes_made
     assert len(s.backend.conns) == 1
 
 
-def test_upload_is_spliced_and_a_pipelined_request_after_it_is_answered(setup):
+@pytest.mark.parametrize("n", [SPLICED + 3, COPIED + 3])
+def test_upload_then_a_pipelined_request_after_it_is_answered(setup, n):
     s = setup
-    n = 5 * (1 << 20) + 3
     body = DATA[:n]
     with connect(s) as sock:
         reader = Reader(sock)
@@ -262,7 +266,7 @@ def test_upload_is_spliced_and_a_pipelined_request_after_it_is_answered(setup):
         sender.join(20)
         assert status.startswith(b"HTTP/1.1 200")
         assert answer == {"received": n, "sha256": hashlib.sha256(body).hexdigest()}
-        assert fds(s.worker).get("pipe", 0) == pipes + 2
+        assert fds(s.worker).get("pipe", 0) == pipes + (2 if n >= SPLICED else 0)
         status, fields2 = reader.head()
         assert status.startswith(b"HTTP/1.1 200") and reader.body(10) == expected(10)
         assert fields2[b"x-conn"] == fields[b"x-conn"]  # the upstream connection reused
@@ -282,7 +286,7 @@ def test_tls_and_proxy_splice_off_copy(setup):
     import ssl
 
     s = setup
-    n = 2 << 20
+    n = SPLICED
     pipes = fds(s.worker).get("pipe", 0)
     ctx = ssl.create_default_context(cafile=s.cert)
     with socket.create_connection(("127.0.0.1", s.tls_port), timeout=20) as raw, \
@@ -301,9 +305,9 @@ def test_tls_and_proxy_splice_off_copy(setup):
     assert fds(s.worker).get("pipe", 0) == pipes
 
 
-def test_backend_dies_mid_body_client_gets_what_came_then_close(setup):
+@pytest.mark.parametrize("n", [2 * SPLICED, 2 * COPIED])
+def test_backend_dies_mid_body_client_gets_what_came_then_close(setup, n):
     s = setup
-    n = 4 << 20
     pipes = fds(s.worker).get("pipe", 0)
     with connect(s) as sock:
         reader = Reader(sock)
@@ -314,7 +318,8 @@ def test_backend_dies_mid_body_client_gets_what_came_then_close(setup):
         assert body == expected(n // 2)  # everything the backend sent, then the close
         assert reader.fill() is False
     assert "upstream prematurely closed connection while reading upstream" in s.lb.error_log()
-    assert fds(s.worker).get("pipe", 0) == pipes + 2  # spliced; the empty pipe pooled
+    # spliced (the empty pipe pooled) or copied
+    assert fds(s.worker).get("pipe", 0) == pipes + (2 if n >= SPLICED else 0)
     # The upstream connection was not pooled: the next request opens a new one.
     with connect(s) as sock:
         _, fields, body = get(sock, Reader(sock), "/dl/100000")
@@ -322,9 +327,9 @@ def test_backend_dies_mid_body_client_gets_what_came_then_close(setup):
     assert len(s.backend.conns) == 2
 
 
-def test_backend_stalls_mid_body_closed_at_read_timeout(setup):
+@pytest.mark.parametrize("n", [2 * SPLICED, 2 * COPIED])
+def test_backend_stalls_mid_body_closed_at_read_timeout(setup, n):
     s = setup
-    n = 4 << 20
     pipes = fds(s.worker).get("pipe", 0)
     with connect(s) as sock:
         reader = Reader(sock)
@@ -336,7 +341,7 @@ def test_backend_stalls_mid_body_closed_at_read_timeout(setup):
     assert 0.9 <= took < 8, took  # proxy_read_timeout 1s, not the backend's 10 s
     assert "upstream timed out (110: Connection timed out) while reading upstream" in (
         s.lb.error_log())
-    assert fds(s.worker).get("pipe", 0) == pipes + 2
+    assert fds(s.worker).get("pipe", 0) == pipes + (2 if n >= SPLICED else 0)
 
 
 def _settled(s: Setup, baseline: dict[str, int]) -> bool:
@@ -347,23 +352,25 @@ def _settled(s: Setup, baseline: dict[str, int]) -> bool:
             and now.get("pipe", 0) <= baseline.get("pipe", 0))
 
 
+@pytest.mark.parametrize("prefix", ["", "/off"])  # spliced, copied with recv_into
 @pytest.mark.parametrize("direction", ["down", "up"])
-def test_client_gone_mid_body_fds_return_to_baseline(setup, direction):
+def test_client_gone_mid_body_fds_return_to_baseline(setup, direction, prefix):
     s = setup
     initial = fds(s.worker)  # the listening sockets, nothing connected
     with connect(s) as sock:  # warm up: the pipe pool has its pipe
-        _, fields, _ = get(sock, Reader(sock), "/dl/1000000")
+        _, fields, _ = get(sock, Reader(sock), f"/dl/{SPLICED}")
         conn = s.backend.conn_of(int(fields[b"x-conn"]))
     # The pooled upstream connection is used next, and closed with the client's.
     baseline = {"socket": initial.get("socket", 0), "pipe": fds(s.worker).get("pipe", 0)}
-    n = 8 << 20
+    n = 2 * SPLICED
     sock = connect(s)
     if direction == "down":
-        sock.sendall(b"GET /dl/%d HTTP/1.1\r\nHost: a\r\n\r\n" % n)
+        sock.sendall(b"GET %s/dl/%d HTTP/1.1\r\nHost: a\r\n\r\n" % (prefix.encode(), n))
         Reader(sock).head()
         sock.recv(100000)
     else:
-        sock.sendall(b"POST /up HTTP/1.1\r\nHost: a\r\nContent-Length: %d\r\n\r\n" % n)
+        sock.sendall(b"POST %s/up HTTP/1.1\r\nHost: a\r\nContent-Length: %d\r\n\r\n"
+                     % (prefix.encode(), n))
         sock.sendall(DATA[:n // 2])
         time.sleep(0.5)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
@@ -371,7 +378,7 @@ def test_client_gone_mid_body_fds_return_to_baseline(setup, direction):
     assert conn.closed.wait(10), "the upstream connection stayed open"
     wait_for(lambda: _settled(s, baseline), 10,
              message=lambda: f"worker fds {fds(s.worker)} vs baseline {baseline}")
-    # The worker still serves, by splice, on a new upstream connection.
+    # The worker still serves, on a new upstream connection.
     with connect(s) as sock:
         _, _, body = get(sock, Reader(sock), f"/dl/{n}")
         assert body == expected(n)

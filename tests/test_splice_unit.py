@@ -127,3 +127,28 @@ def test_rate_timeout_follows_client_body_min_rate():
     assert timed(2000) == pytest.approx(5.0)
     clock[0] = 120.0
     assert timed(0) <= 0  # already too slow
+
+
+def test_copy_moves_exactly_n_bytes_through_recv_into(pairs):
+    writer, src, dst, reader = pairs
+    body = os.urandom(splice.BUFFER_SIZE * 3 + 5)
+    sender = gevent.spawn(writer.sendall, body + b"NEXT")
+    received = gevent.spawn(read_exact, reader, len(body))
+    assert splice.copy(src, dst.sendall, len(body), idle) == len(body)
+    sender.get(timeout=10)
+    assert received.get(timeout=10) == body
+    assert read_exact(src, 4) == b"NEXT"
+    assert len(splice._buffers) >= 1  # the buffer goes back to the pool
+
+
+def test_copy_source_eof_and_timeout(pairs):
+    writer, src, dst, reader = pairs
+    writer.sendall(b"q" * 100)
+    with pytest.raises(splice.SpliceFailed) as info:
+        splice.copy(src, dst.sendall, 1000, lambda moved: 0.2)
+    assert (info.value.side, info.value.kind, info.value.moved) == ("src", "timeout", 100)
+    writer.close()
+    with pytest.raises(splice.SpliceFailed) as info:
+        splice.copy(src, dst.sendall, 1000)
+    assert (info.value.side, info.value.kind) == ("src", "eof")
+    assert read_exact(reader, 100) == b"q" * 100

@@ -499,10 +499,12 @@ class ClientConnection:
                 raise ClientGone("client closed the connection while sending the body")
             self._feed(data)
 
-    def splice_body(self, ex: Exchange, dst: socket.socket, dst_timeout: float) -> None:
-        """Send the rest of a Content-Length request body to ``dst``: what was read
-        with the head by ``send``, the remainder with :func:`splice.relay` (copied
-        by :meth:`body_chunks` where this worker cannot splice).
+    def relay_body(self, ex: Exchange, dst: socket.socket, dst_timeout: float,
+                   use_splice: bool) -> None:
+        """Send the rest of a Content-Length request body to ``dst`` without the
+        parser: what was read with the head by ``send``, the remainder spliced
+        (from :data:`splice.SPLICE_MIN` on, ``use_splice`` and a plain client)
+        or copied with recv_into.
 
         Afterwards the exchange is complete and a fresh parser waits for the next
         request, as if llhttp had seen the body.  ``dst`` failing raises
@@ -524,12 +526,16 @@ class ClientConnection:
             ex.expect_continue = False
             self.send(CONTINUE)
         timeout = splice.rate_timeout(idle, rate, start, received, self.worker.now)
+        left = self.body_left
         try:
-            splice.relay(self.sock.fileno(), dst.fileno(), self.body_left, timeout, dst_timeout)
-        except splice.Unsupported:
-            for data in self.body_chunks(ex):
-                protocol.send_all(dst, data)
-            return
+            if use_splice and left >= splice.SPLICE_MIN and splice.usable(self.sock):
+                try:
+                    splice.relay(self.sock.fileno(), dst.fileno(), left, timeout, dst_timeout)
+                except splice.Unsupported:
+                    splice.copy(self.sock, lambda view: protocol.send_all(dst, view), left,
+                                timeout)
+            else:
+                splice.copy(self.sock, lambda view: protocol.send_all(dst, view), left, timeout)
         except splice.SpliceFailed as e:
             if e.side == "dst":
                 if e.kind == "timeout":
@@ -541,7 +547,7 @@ class ClientConnection:
         self._body_spliced(ex)
 
     def _body_spliced(self, ex: Exchange) -> None:
-        """llhttp never saw the spliced bytes: start the next request afresh."""
+        """llhttp never saw the relayed bytes: start the next request afresh."""
         self.body_left = 0
         self.head_tail = b""
         ex.complete = True

@@ -399,9 +399,8 @@ def _attempt(conn: ClientConnection, ex: Exchange, rt: LocationRuntime, sock: so
         sent = True
         if ex.has_body:
             body_consumed = body is None
-            if body is None and rt.splice and not ex.chunked \
-                    and ex.content_length >= splice.MIN_BODY and splice.usable(conn.sock):
-                conn.splice_body(ex, sock, rt.send_timeout)
+            if body is None and not ex.chunked and ex.content_length >= splice.MIN_BODY:
+                conn.relay_body(ex, sock, rt.send_timeout, rt.splice)
             else:
                 for data in conn.body_chunks(ex) if body is None else body:
                     send_all(sock, protocol.chunk(data) if ex.chunked else data)
@@ -496,9 +495,9 @@ def _relay_response(conn: ClientConnection, ex: Exchange, rt: LocationRuntime,
     out.append(b"Connection: keep-alive\r\n\r\n" if keep else b"Connection: close\r\n\r\n")
     head_len = sum(len(p) for p in out)
     close_delimited = not no_body and content_length is None and not chunked_upstream
-    # A large Content-Length body goes by splice once what came with the head is sent.
-    spliced = (mode == "length" and rt.splice and content_length >= splice.MIN_BODY
-               and splice.usable(conn.sock))
+    # A large Content-Length body skips the parser once what came with the head is
+    # sent: copied with recv_into, or spliced (forklb.http.splice).
+    direct = mode == "length" and content_length >= splice.MIN_BODY
     sent = 0
     while True:
         if resp.body and mode != "none":
@@ -513,12 +512,9 @@ def _relay_response(conn: ClientConnection, ex: Exchange, rt: LocationRuntime,
             out = []
         if resp.complete:
             break
-        if spliced:
-            spliced = False
-            moved = _splice_response(conn, ex, rt, sock, resp, content_length - sent)
-            if moved is not None:
-                sent += moved
-                break
+        if direct:
+            sent += _relay_body(conn, ex, rt, sock, resp, content_length - sent)
+            break
         try:
             data = sock.recv(RECV_SIZE)
         except OSError as e:
@@ -548,18 +544,23 @@ def _relay_response(conn: ClientConnection, ex: Exchange, rt: LocationRuntime,
     return resp.complete and resp.keep_alive and not close_delimited
 
 
-def _splice_response(conn: ClientConnection, ex: Exchange, rt: LocationRuntime,
-                     sock: socket.socket, resp: ResponseHead, left: int) -> int | None:
-    """Splice the ``left`` bytes that end a Content-Length body from ``sock`` to
-    the client; returns how many reached it, or None when this worker cannot
-    splice (nothing moved: the caller copies).  An upstream failure is logged
-    as on the copying path and closes the client connection; a client failure
-    raises ClientGone."""
+def _relay_body(conn: ClientConnection, ex: Exchange, rt: LocationRuntime,
+                sock: socket.socket, resp: ResponseHead, left: int) -> int:
+    """Relay the ``left`` bytes that end a Content-Length body from ``sock`` to
+    the client without the parser: spliced from :data:`splice.SPLICE_MIN` on
+    where the worker can (plain client, proxy_splice on), else copied with
+    recv_into.  Returns how many reached the client.  An upstream failure is
+    logged as on the parser's path and closes the client connection; a client
+    failure raises ClientGone."""
     try:
-        moved = splice.relay(sock.fileno(), conn.sock.fileno(), left,
-                             lambda moved: rt.read_timeout, conn.send_timeout)
-    except splice.Unsupported:
-        return None
+        if rt.splice and left >= splice.SPLICE_MIN and splice.usable(conn.sock):
+            try:
+                moved = splice.relay(sock.fileno(), conn.sock.fileno(), left,
+                                     lambda moved: rt.read_timeout, conn.send_timeout)
+            except splice.Unsupported:
+                moved = splice.copy(sock, conn.send, left)
+        else:
+            moved = splice.copy(sock, conn.send, left)
     except splice.SpliceFailed as e:
         if e.side == "dst":
             if e.kind == "timeout":
