@@ -152,3 +152,21 @@ def test_copy_source_eof_and_timeout(pairs):
         splice.copy(src, dst.sendall, 1000)
     assert (info.value.side, info.value.kind) == ("src", "eof")
     assert read_exact(reader, 100) == b"q" * 100
+
+
+def test_proxy_splice_directive_inherits_and_checks(tmp_path):
+    from forklb.config.errors import ConfigError
+    from forklb.config.loader import load
+
+    (tmp_path / "nginx.conf").write_text(
+        "events {}\nhttp {\n proxy_splice off;\n upstream u { server 127.0.0.1:1; }\n"
+        " server {\n  location / { proxy_pass http://u; }\n"
+        "  location /a { proxy_splice on; proxy_pass http://u; }\n }\n}\n")
+    locations = load("nginx.conf", prefix=str(tmp_path)).http.servers[0].locations
+    splice_of = {loc.pattern: loc.proxy_splice for loc in locations}
+    assert (splice_of["/"], splice_of["/a"]) == (False, True)
+    (tmp_path / "nginx.conf").write_text("events {}\nhttp {\n proxy_splice yes;\n}\n")
+    with pytest.raises(ConfigError) as info:
+        load("nginx.conf", prefix=str(tmp_path))
+    assert str(info.value) == ('invalid value "yes" in "proxy_splice" directive, it must be '
+                               '"on" or "off" in nginx.conf:3')
