@@ -119,7 +119,7 @@ class LocationRuntime:
         # headers are left out of requests that are not tunnelled.
         self.tunnel = b"upgrade" in names
         self.upgrade_headers = frozenset({b"upgrade", b"connection"}) & names
-        # proxy_splice: large Content-Length bodies relayed with os.splice
+        # proxy_splice: Content-Length bodies this large relayed with os.splice (0: never)
         self.splice = loc.proxy_splice
         self._static_files(loc)
 

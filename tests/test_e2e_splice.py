@@ -24,7 +24,7 @@ from test_tls import make_cert
 
 MIB = 1 << 20
 DATA = random.Random(11).randbytes(4 * MIB) * 10  # 40 MiB
-SPLICED = 17 * MIB  # from splice.SPLICE_MIN (16 MiB) on, bodies are spliced
+SPLICED = 17 * MIB  # from 16 MiB on (proxy_splice on), bodies are spliced
 COPIED = MIB  # from 64 KiB: copied with recv_into, no pipe
 
 
@@ -159,6 +159,7 @@ http {{
         listen 127.0.0.1:{port};
         location / {{ proxy_pass http://b; }}
         location /off/ {{ proxy_splice off; proxy_pass http://b/; }}
+        location /small/ {{ proxy_splice 64k; proxy_pass http://b/; }}
     }}
     server {{
         listen 127.0.0.1:{tls_port} ssl;
@@ -280,6 +281,23 @@ def test_upload_then_a_pipelined_request_after_it_is_answered(setup, n):
         answer = json.loads(reader.body(int(fields[b"content-length"])))
         assert answer["received"] == n and answer["sha256"] == hashlib.sha256(body).hexdigest()
     assert len(s.backend.conns) == 1
+
+
+def test_proxy_splice_size_moves_the_threshold(setup):
+    s = setup
+    pipes = fds(s.worker).get("pipe", 0)
+    with connect(s) as sock:
+        reader = Reader(sock)
+        status, _, body = get(sock, reader, f"/small/dl/{COPIED}")
+        assert status.startswith(b"HTTP/1.1 200") and body == expected(COPIED)
+        assert fds(s.worker).get("pipe", 0) == pipes + 2
+        sock.sendall(b"POST /small/up HTTP/1.1\r\nHost: a\r\nContent-Length: %d\r\n\r\n"
+                     % COPIED + DATA[:COPIED])
+        _, fields = reader.head()
+        answer = json.loads(reader.body(int(fields[b"content-length"])))
+        assert answer == {"received": COPIED, "sha256": hashlib.sha256(DATA[:COPIED]).hexdigest()}
+        status, _, body = get(sock, reader, "/small/dl/1000")
+        assert body == expected(1000)
 
 
 def test_tls_and_proxy_splice_off_copy(setup):

@@ -161,12 +161,13 @@ def test_proxy_splice_directive_inherits_and_checks(tmp_path):
     (tmp_path / "nginx.conf").write_text(
         "events {}\nhttp {\n proxy_splice off;\n upstream u { server 127.0.0.1:1; }\n"
         " server {\n  location / { proxy_pass http://u; }\n"
-        "  location /a { proxy_splice on; proxy_pass http://u; }\n }\n}\n")
+        "  location /a { proxy_splice on; proxy_pass http://u; }\n"
+        "  location /b { proxy_splice 1m; proxy_pass http://u; }\n }\n}\n")
     locations = load("nginx.conf", prefix=str(tmp_path)).http.servers[0].locations
     splice_of = {loc.pattern: loc.proxy_splice for loc in locations}
-    assert (splice_of["/"], splice_of["/a"]) == (False, True)
+    assert (splice_of["/"], splice_of["/a"], splice_of["/b"]) == (0, 16 << 20, 1 << 20)
     (tmp_path / "nginx.conf").write_text("events {}\nhttp {\n proxy_splice yes;\n}\n")
     with pytest.raises(ConfigError) as info:
         load("nginx.conf", prefix=str(tmp_path))
     assert str(info.value) == ('invalid value "yes" in "proxy_splice" directive, it must be '
-                               '"on" or "off" in nginx.conf:3')
+                               '"on", "off" or a size in nginx.conf:3')

@@ -500,11 +500,11 @@ class ClientConnection:
             self._feed(data)
 
     def relay_body(self, ex: Exchange, dst: socket.socket, dst_timeout: float,
-                   use_splice: bool) -> None:
+                   splice_min: int) -> None:
         """Send the rest of a Content-Length request body to ``dst`` without the
         parser: what was read with the head by ``send``, the remainder spliced
-        (from :data:`splice.SPLICE_MIN` on, ``use_splice`` and a plain client)
-        or copied with recv_into.
+        (from ``splice_min`` bytes on, 0: never, and from a plain client) or
+        copied with recv_into.
 
         Afterwards the exchange is complete and a fresh parser waits for the next
         request, as if llhttp had seen the body.  ``dst`` failing raises
@@ -528,7 +528,7 @@ class ClientConnection:
         timeout = splice.rate_timeout(idle, rate, start, received, self.worker.now)
         left = self.body_left
         try:
-            if use_splice and left >= splice.SPLICE_MIN and splice.usable(self.sock):
+            if splice_min and left >= splice_min and splice.usable(self.sock):
                 try:
                     splice.relay(self.sock.fileno(), dst.fileno(), left, timeout, dst_timeout)
                 except splice.Unsupported:

@@ -547,13 +547,13 @@ def _relay_response(conn: ClientConnection, ex: Exchange, rt: LocationRuntime,
 def _relay_body(conn: ClientConnection, ex: Exchange, rt: LocationRuntime,
                 sock: socket.socket, resp: ResponseHead, left: int) -> int:
     """Relay the ``left`` bytes that end a Content-Length body from ``sock`` to
-    the client without the parser: spliced from :data:`splice.SPLICE_MIN` on
-    where the worker can (plain client, proxy_splice on), else copied with
+    the client without the parser: spliced from ``proxy_splice``'s size on
+    where the worker can (plain client), else copied with
     recv_into.  Returns how many reached the client.  An upstream failure is
     logged as on the parser's path and closes the client connection; a client
     failure raises ClientGone."""
     try:
-        if rt.splice and left >= splice.SPLICE_MIN and splice.usable(conn.sock):
+        if rt.splice and left >= rt.splice and splice.usable(conn.sock):
             try:
                 moved = splice.relay(sock.fileno(), conn.sock.fileno(), left,
                                      lambda moved: rt.read_timeout, conn.send_timeout)

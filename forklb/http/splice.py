@@ -26,11 +26,10 @@ from collections.abc import Callable
 # (copied with recv_into a pooled buffer, or spliced); smaller ones go with the
 # head in one write.
 MIN_BODY = 64 * 1024
-# ... and spliced from this size on. Measured on loopback (bench/splice.py,
-# Linux 6.18 VM): below a few MiB recv_into a 256 KiB buffer is both faster and
-# cheaper than splice; around 16 MiB they are even; for 1 GiB splice takes about
-# 40 % less CPU.
-SPLICE_MIN = 16 * 1024 * 1024
+# ... and spliced from proxy_splice's size on (on: 16 MiB, SPLICE_DEFAULT_MIN in
+# forklb.config.directives). Measured on loopback (bench/splice.py, Linux 6.18
+# VM): below a few MiB recv_into a 256 KiB buffer is both faster and cheaper
+# than splice; around 16 MiB they are even; for 1 GiB splice takes less CPU.
 PIPE_SIZE = 1 << 20  # F_SETPIPE_SZ asked for; the kernel's answer is used
 POOL_MAX = 8  # idle pipes kept per worker
 
@@ -212,7 +211,7 @@ _buffers: list[memoryview] = []
 def copy(src: socket.socket, send: Callable[[memoryview], None], n: int,
          src_timeout: Callable[[int], float] | None = None) -> int:
     """Move exactly ``n`` bytes from ``src`` with ``recv_into`` a pooled buffer and
-    ``send`` (bodies below :data:`SPLICE_MIN`, TLS, workers that cannot splice);
+    ``send`` (bodies below proxy_splice's size, TLS, workers that cannot splice);
     returns ``n``.
 
     ``src_timeout(moved)`` bounds each read as for :func:`relay` (None: the
