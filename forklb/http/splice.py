@@ -10,8 +10,9 @@ one body and given back empty.  A pipe left holding bytes (the destination
 failed) is closed instead.
 
 The first ``splice`` that fails with EINVAL/ENOSYS/EOPNOTSUPP (a kernel or
-sandbox without it) turns splicing off for the worker for good: callers use
-the copying path, as they do below :data:`MIN_BODY` and on TLS sockets.
+sandbox without it) turns splicing off for the worker for good: callers then
+use :func:`copy` (recv_into a pooled buffer), as they do for bodies below
+proxy_splice's size and on TLS sockets.
 """
 
 from __future__ import annotations
