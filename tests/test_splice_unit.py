@@ -171,3 +171,29 @@ def test_proxy_splice_directive_inherits_and_checks(tmp_path):
         load("nginx.conf", prefix=str(tmp_path))
     assert str(info.value) == ('invalid value "yes" in "proxy_splice" directive, it must be '
                                '"on", "off" or a size in nginx.conf:3')
+
+
+def test_einval_on_first_splice_switches_the_worker_to_copying(pairs, monkeypatch):
+    # An eventfd cannot be spliced from: the kernel answers EINVAL, as a sandbox
+    # without splice would. In a worker that never spliced, that turns it off.
+    writer, src, dst, reader = pairs
+    monkeypatch.setattr(splice, "_working", None)
+    monkeypatch.setattr(splice, "_free", [])
+    efd = os.eventfd(1)
+    try:
+        with pytest.raises(splice.Unsupported):
+            splice.relay(efd, dst.fileno(), 8, idle, 5.0)
+    finally:
+        os.close(efd)
+    assert splice._working is False and splice._free == []
+    assert splice.usable(object()) is False
+    # Once splice has worked, the same error is the source's failure, not a switch.
+    monkeypatch.setattr(splice, "_working", True)
+    efd = os.eventfd(1)
+    try:
+        with pytest.raises(splice.SpliceFailed) as info:
+            splice.relay(efd, dst.fileno(), 8, idle, 5.0)
+    finally:
+        os.close(efd)
+    assert (info.value.side, info.value.kind) == ("src", "error")
+    assert splice._working is True
