@@ -182,6 +182,9 @@ class Location:
     send_timeout: float = 60.0  # longest wait for one write to the client to progress
     # forklb's own: a body must average this many bytes/s after client_body_timeout (0: off)
     client_body_min_rate: int = 500
+    # forklb's own: Content-Length bodies of this size and more relayed with os.splice
+    # (0: never; proxy_splice on is 16 MiB)
+    proxy_splice: int = 16 * 1024 * 1024
     # locations written inside this one (searched when this prefix matches);
     # Server.locations lists them too, after the outer ones
     nested: tuple[Location, ...] = ()

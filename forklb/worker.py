@@ -65,7 +65,7 @@ class LocationRuntime:
     __slots__ = ("handler", "group", "proxy_uri", "proxy_host", "set_headers", "overridden",
                  "sets_host", "connect_timeout", "read_timeout", "send_timeout", "mime_types",
                  "hidden", "passed", "doc_root", "alias_len", "next_upstream", "retry_statuses",
-                 "peers", "http10", "version_line", "tunnel", "upgrade_headers")
+                 "peers", "http10", "version_line", "tunnel", "upgrade_headers", "splice")
 
     def __init__(self, loc: Location, groups: dict, mime_types: dict[str, str]):
         from forklb.http.protocol import FRAMING_RESPONSE, HIDDEN_BY_DEFAULT
@@ -120,6 +120,8 @@ class LocationRuntime:
         # headers are left out of requests that are not tunnelled.
         self.tunnel = b"upgrade" in names
         self.upgrade_headers = frozenset({b"upgrade", b"connection"}) & names
+        # proxy_splice: Content-Length bodies this large relayed with os.splice (0: never)
+        self.splice = loc.proxy_splice
         self._static_files(loc)
 
     def _static_files(self, loc: Location) -> None:

@@ -152,6 +152,8 @@ TABLE: tuple[Spec, ...] = (
           inherit=True),
     _spec("proxy_http_version", _HTTP_LEVELS, 1, check="http_version(default=1.1)",
           inherit=True),
+    # forklb's own: zero-copy relaying of large bodies (forklb.http.splice)
+    _spec("proxy_splice", _HTTP_LEVELS, 1, check="splice(default=on)", inherit=True),
 )
 
 # "include" is expanded by the parser in every context; it is listed so the
@@ -679,6 +681,24 @@ def _next_upstream(value):
         raise DirectiveError(e.message) from None
 
 
+# proxy_splice on: bodies from this size on are spliced (forklb.http.splice; measured)
+SPLICE_DEFAULT_MIN = 16 * 1024 * 1024
+
+
+def _splice(value, default=None):
+    """``proxy_splice on | off | SIZE``: the smallest body spliced, 0 for off."""
+    if value.lower() in ("on", "off"):
+        return SPLICE_DEFAULT_MIN if value.lower() == "on" else 0
+    try:
+        size = parse_size(value)
+    except DirectiveError:
+        size = 0
+    if size <= 0:
+        raise DirectiveError(f'invalid value "{value}" in "{{directive}}" directive, '
+                             'it must be "on", "off" or a size')
+    return size
+
+
 def _nginx_number(value, default=None):
     """``ngx_conf_set_num_slot``: a non-negative integer."""
     if not _DIGITS.fullmatch(value):
@@ -724,7 +744,7 @@ def make_validator() -> Validator:
         "random_method": _random_method, "try_files": _try_files,
         "error_page": _error_page, "next_upstream": _next_upstream,
         "nginx_number": _nginx_number, "http_version": _http_version,
-        "header_buffers": _header_buffers,
+        "header_buffers": _header_buffers, "splice": _splice,
     })
     v.functions["each"] = _occurrences(v)
     v.functions["ssl_protocols"] = _ssl_protocols

@@ -532,6 +532,7 @@ class _Builder:
             proxy_pass_header=tuple(h.lower() for h in values["proxy_pass_header"]),
             next_upstream=_next_upstream(values),
             proxy_http_version=values["proxy_http_version"],
+            proxy_splice=values["proxy_splice"],
             file=d.file,
             line=d.line,
             **self._static_settings(pattern, b, values, where),

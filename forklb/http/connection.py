@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 
 import httptools
 
-from forklb.http import internal, protocol
+from forklb.http import internal, protocol, splice
 from forklb.http.routing import BadHost, BadPath, normalize_path, split_host
 from forklb.http.validate import ChunkScanner, Invalid, header_name_allowed, transfer_coding
 from forklb.model import access_allows
@@ -498,6 +498,60 @@ class ClientConnection:
             if not data:
                 raise ClientGone("client closed the connection while sending the body")
             self._feed(data)
+
+    def relay_body(self, ex: Exchange, dst: socket.socket, dst_timeout: float,
+                   splice_min: int) -> None:
+        """Send the rest of a Content-Length request body to ``dst`` without the
+        parser: what was read with the head by ``send``, the remainder spliced
+        (from ``splice_min`` bytes on, 0: never, and from a plain client) or
+        copied with recv_into.
+
+        Afterwards the exchange is complete and a fresh parser waits for the next
+        request, as if llhttp had seen the body.  ``dst`` failing raises
+        TimeoutError or OSError (the caller's upstream errors); the client
+        failing raises what :meth:`body_chunks` would.
+        """
+        loc = ex.location
+        idle = loc.client_body_timeout if loc is not None else 60.0
+        rate = loc.client_body_min_rate if loc is not None else 0
+        start = self.worker.now()
+        received = 0
+        for data in ex.body:
+            received += len(data)
+            protocol.send_all(dst, data)
+        ex.body = []
+        if ex.complete:
+            return
+        if ex.expect_continue:
+            ex.expect_continue = False
+            self.send(CONTINUE)
+        timeout = splice.rate_timeout(idle, rate, start, received, self.worker.now)
+        left = self.body_left
+        try:
+            if splice_min and left >= splice_min and splice.usable(self.sock):
+                try:
+                    splice.relay(self.sock.fileno(), dst.fileno(), left, timeout, dst_timeout)
+                except splice.Unsupported:
+                    splice.copy(self.sock, lambda view: protocol.send_all(dst, view), left,
+                                timeout)
+            else:
+                splice.copy(self.sock, lambda view: protocol.send_all(dst, view), left, timeout)
+        except splice.SpliceFailed as e:
+            if e.side == "dst":
+                if e.kind == "timeout":
+                    raise TimeoutError() from None
+                raise e.err from None
+            if e.kind == "timeout":
+                self._body_timed_out(ex, BODY_TOO_SLOW if e.waited < idle else BODY_TIMED_OUT)
+            raise ClientGone("client closed the connection while sending the body") from None
+        self._body_spliced(ex)
+
+    def _body_spliced(self, ex: Exchange) -> None:
+        """llhttp never saw the relayed bytes: start the next request afresh."""
+        self.body_left = 0
+        self.head_tail = b""
+        ex.complete = True
+        self.parser = httptools.HttpRequestParser(self)
 
     def _body_timed_out(self, ex: Exchange, message: str) -> None:
         """408 and close (HAProxy's answer; nginx closes without one)."""

@@ -28,8 +28,8 @@ from typing import TYPE_CHECKING
 import httptools
 
 from forklb.http import next_upstream as nu
-from forklb.http import protocol
-from forklb.http.connection import RECV_SIZE, ClientConnection, Exchange
+from forklb.http import protocol, splice
+from forklb.http.connection import RECV_SIZE, ClientConnection, ClientGone, Exchange
 from forklb.http.validate import Invalid, response_start_ok, transfer_coding
 from forklb.metrics import recorder as metrics_recorder
 from forklb.upstream.pool import UpstreamGroup, connect
@@ -405,8 +405,11 @@ def _attempt(conn: ClientConnection, ex: Exchange, rt: LocationRuntime, sock: so
         sent = True
         if ex.has_body:
             body_consumed = body is None
-            for data in conn.body_chunks(ex) if body is None else body:
-                send_all(sock, protocol.chunk(data) if ex.chunked else data)
+            if body is None and not ex.chunked and ex.content_length >= splice.MIN_BODY:
+                conn.relay_body(ex, sock, rt.send_timeout, rt.splice)
+            else:
+                for data in conn.body_chunks(ex) if body is None else body:
+                    send_all(sock, protocol.chunk(data) if ex.chunked else data)
             if ex.chunked:
                 send_all(sock, protocol.LAST_CHUNK)
         phase = "reading response header from upstream"
@@ -498,6 +501,9 @@ def _relay_response(conn: ClientConnection, ex: Exchange, rt: LocationRuntime,
     out.append(b"Connection: keep-alive\r\n\r\n" if keep else b"Connection: close\r\n\r\n")
     head_len = sum(len(p) for p in out)
     close_delimited = not no_body and content_length is None and not chunked_upstream
+    # A large Content-Length body skips the parser once what came with the head is
+    # sent: copied with recv_into, or spliced (forklb.http.splice).
+    direct = mode == "length" and content_length >= splice.MIN_BODY
     sent = 0
     while True:
         if resp.body and mode != "none":
@@ -511,6 +517,9 @@ def _relay_response(conn: ClientConnection, ex: Exchange, rt: LocationRuntime,
             conn.send(b"".join(out))
             out = []
         if resp.complete:
+            break
+        if direct:
+            sent += _relay_body(conn, ex, rt, sock, resp, content_length - sent)
             break
         try:
             data = sock.recv(RECV_SIZE)
@@ -539,6 +548,42 @@ def _relay_response(conn: ClientConnection, ex: Exchange, rt: LocationRuntime,
     ex.body_bytes_sent = sent
     ex.bytes_sent = head_len + sent
     return resp.complete and resp.keep_alive and not close_delimited
+
+
+def _relay_body(conn: ClientConnection, ex: Exchange, rt: LocationRuntime,
+                sock: socket.socket, resp: ResponseHead, left: int) -> int:
+    """Relay the ``left`` bytes that end a Content-Length body from ``sock`` to
+    the client without the parser: spliced from ``proxy_splice``'s size on
+    where the worker can (plain client), else copied with
+    recv_into.  Returns how many reached the client.  An upstream failure is
+    logged as on the parser's path and closes the client connection; a client
+    failure raises ClientGone."""
+    try:
+        if rt.splice and left >= rt.splice and splice.usable(conn.sock):
+            try:
+                moved = splice.relay(sock.fileno(), conn.sock.fileno(), left,
+                                     lambda moved: rt.read_timeout, conn.send_timeout)
+            except splice.Unsupported:
+                moved = splice.copy(sock, conn.send, left)
+        else:
+            moved = splice.copy(sock, conn.send, left)
+    except splice.SpliceFailed as e:
+        if e.side == "dst":
+            if e.kind == "timeout":
+                raise conn.send_timed_out() from None
+            raise ClientGone(str(e.err)) from None
+        if e.kind == "eof":
+            what = "upstream prematurely closed connection"
+        elif e.kind == "timeout":
+            what = "upstream timed out (110: Connection timed out)"
+        else:
+            what = f"upstream read failed ({e.err})"
+        conn.worker.log.error(_context(f"{what} while reading upstream", conn, ex, None))
+        conn.must_close = True
+        return e.moved
+    # The parser never sees these bytes; the connection is not reused through it.
+    resp.complete = True
+    return moved
 
 
 def tunnel_head(resp: ResponseHead, rt: LocationRuntime, date: bytes) -> bytes:
