@@ -161,8 +161,10 @@ def test_slow_attack_is_cut_off_and_service_stays_up(target, tmp_path, attack):
         probe.stop()
         watch.stop()
     # forklb held no attack connection longer than the timeout + 1 s
-    # (+ 0.4 s: two sampling periods)
-    assert len(watch.first) >= CONNECTIONS, len(watch.first)
+    # (+ 0.4 s: two sampling periods).  The watch saw the attack: with 500
+    # connections a sample can take long enough on a loaded machine that a few
+    # short-lived ones come and go between two samples.
+    assert len(watch.first) >= 0.95 * CONNECTIONS, len(watch.first)
     assert watch.longest() <= TIMEOUT + SLACK + 0.4, (watch.longest(), rows)
     if attack != "slow read":
         # slowhttptest stopped early because forklb had closed everything (its last
