@@ -15,6 +15,7 @@ import time
 import psutil
 import pytest
 from harness import HttpClient, free_port, wait_for
+from test_e2e_metrics import scrape, total
 from test_tls import TlsClient, client_context, make_cert
 
 CONF = """
@@ -250,3 +251,43 @@ def test_tls_keepalive_connection_parks_and_resumes(forklb_factory, a_cert):
         started = time.monotonic()
         assert c.server_closed(10)
         assert 2.0 <= time.monotonic() - started <= 4.0
+
+
+METRICS_CONF = """
+worker_processes 1;
+events {{ }}
+sidecar {{ listen 127.0.0.1:{side}; }}
+http {{
+    access_log off;
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{ return 200 "ok\\n"; }}
+    }}
+}}
+"""
+
+
+def test_parked_connections_count_as_idle_in_the_metrics(forklb_factory):
+    port, side = free_port(), free_port()
+    lb = forklb_factory(METRICS_CONF.format(port=port, side=side))
+    lb.start(wait_ports=[port, side], workers=1)
+
+    def gauges() -> tuple[float, float]:
+        samples = scrape(side)
+        return (total(samples, "forklb_connections_active"),
+                total(samples, "forklb_connections", state="idle"))
+
+    socks = [_served(port) for _ in range(5)]
+    try:
+        time.sleep(1.0)  # parked
+        wait_for(lambda: gauges() == (5, 5), 10, message=lambda: str(gauges()))
+        socks.pop().close()  # woken by EOF, closed, forgotten
+        wait_for(lambda: gauges() == (4, 4), 10, message=lambda: str(gauges()))
+        socks[0].sendall(REQUEST)  # woken by a request, still counted
+        assert _answer(socks[0]).startswith(b"HTTP/1.1 200 ")
+        time.sleep(1.0)
+        wait_for(lambda: gauges() == (4, 4), 10, message=lambda: str(gauges()))
+    finally:
+        for s in socks:
+            s.close()
+    wait_for(lambda: gauges() == (0, 0), 10, message=lambda: str(gauges()))
