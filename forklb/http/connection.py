@@ -611,8 +611,8 @@ class ClientConnection:
         return (ex.keep_alive and ex.complete and not self.must_close and not self.worker.stopping
                 and (ex.location is None or self.requests < ex.location.keepalive_requests))
 
-    # -- the loop --
     # -- parking: an idle keep-alive connection without a greenlet (nginx's model) --
+    # False: wait between requests in the greenlet, as before parking existed.
     can_park = True
 
     def park(self, timeout: float) -> None:
@@ -671,6 +671,7 @@ class ClientConnection:
             pass
         self.worker.connection_closed(self)
 
+    # -- the loop --
     def serve(self) -> bool:
         """Serve requests until the client is done (the socket is then closed) or
         the connection is parked (True: the socket stays open)."""
