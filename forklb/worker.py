@@ -198,7 +198,9 @@ class Worker:
         import forklb.http.static  # noqa: F401
         import forklb.http.tls  # noqa: F401
 
-        self.now = gevent.get_hub().loop.now  # the loop's cached clock: no syscall
+        self.hub = gevent.get_hub()
+        self.loop = self.hub.loop  # parked connections' watchers (ClientConnection.park)
+        self.now = self.loop.now  # the loop's cached clock: no syscall
         gevent.signal_handler(signal.SIGQUIT, self.graceful_stop)
         gevent.signal_handler(signal.SIGTERM, self.fast_stop)
         gevent.signal_handler(signal.SIGINT, self.fast_stop)
@@ -286,11 +288,10 @@ class Worker:
         import gevent
         from gevent import socket
         from gevent.event import Event
-        from gevent.pool import Pool
 
-        from forklb.http.acceptor import Acceptor
+        from forklb.http.acceptor import Acceptor, ConnectionPool
 
-        pool = Pool(self.config.main.worker_connections)
+        pool = ConnectionPool(self.config.main.worker_connections)
         self.pool = pool
         for address, sock in self.inherited.items():
             listener = self.listeners.get(address)
@@ -313,26 +314,40 @@ class Worker:
         self.exit_event.wait()
 
     def _handler(self, listener: Listener):
+        from gevent import getcurrent
+
         from forklb.http.connection import ClientConnection
 
         connections = self.connections
         tls = listener.tls
 
-        def handle(sock, address):
+        def handle(sock, address) -> bool:
+            """Serve a new connection; True if it was parked (it stays open, in
+            ``connections``, holding its pool slot without this greenlet)."""
             self.stats.accepted()
             cls = ClientConnection
             if tls is not None:
                 sock, cls = tls.accept(sock, address)  # handshake in this greenlet
                 if sock is None:
-                    return
+                    return False
             conn = cls(self, listener, sock, address)
             connections.add(conn)
+            parked = False
             try:
-                conn.serve()
+                parked = conn.serve()
             finally:
-                connections.discard(conn)
+                if parked:
+                    self.pool.leave(getcurrent())
+                else:
+                    connections.discard(conn)
+            return parked
 
         return handle
+
+    def connection_closed(self, conn) -> None:
+        """A connection that was once parked is closed: forget it, free its slot."""
+        self.connections.discard(conn)
+        self.pool.release_outside()
 
     # -- per request --
     def access_log(self, ex) -> None:

@@ -15,13 +15,16 @@ from __future__ import annotations
 
 import os
 import socket
+import ssl
 import struct
+import sys
 import time
 from collections import deque
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import httptools
+from greenlet import greenlet
 
 from forklb.http import internal, protocol, splice
 from forklb.http.routing import BadHost, BadPath, normalize_path, split_host
@@ -36,6 +39,10 @@ CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 LINGERING_TIME = 5.0  # at most this long reading what a rejected client still sends
 LINGERING_TIMEOUT = 1.0  # ... and only while it keeps sending
 _LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST
+# A connection idle this long between requests is parked (see ClientConnection.park).
+# Not at once: parking and waking cost more than a greenlet's wait, and a busy
+# keep-alive client sends its next request well within this.
+PARK_AFTER = 0.5
 
 
 class ClientGone(Exception):
@@ -226,6 +233,9 @@ class ClientConnection:
         self.chunks: ChunkScanner | None = None
         self.send_timeout = listener.send_timeout  # the location's, once one is chosen
         self.current: Exchange | None = None  # the request being answered, for the log
+        self.keepalive_timeout = listener.keepalive_timeout  # the last location's, later
+        self.parked = False  # idle without a greenlet: see park()
+        self.watchers: tuple | None = None  # (read watcher, keepalive timer) while parked
         ClientConnection.serial_counter += 1
         self.serial = ClientConnection.serial_counter
 
@@ -420,14 +430,48 @@ class ClientConnection:
         except (TimeoutError, OSError):
             return b""
 
+    def _recv_within(self, timeout: float) -> bytes | None:
+        """What the client sends within ``timeout`` (0: what is there already):
+        None if nothing, b"" if it is gone."""
+        sock = self.sock
+        sock.settimeout(timeout)
+        try:
+            return sock.recv(RECV_SIZE)
+        except (TimeoutError, BlockingIOError, ssl.SSLWantReadError):
+            return None
+        except OSError:
+            return b""
+
     def next_exchange(self, keepalive_timeout: float) -> Exchange | None:
-        """The next request with complete headers, or None when the client is done."""
+        """The next request with complete headers, or None when the client is done
+        or the connection was parked (``self.parked``)."""
         while True:
             if self.pending and self.pending[0].headers_done:
                 return self.pending.popleft()
             if self.must_close:
                 return None
             waiting_for_new = not self.pending
+            if waiting_for_new and self.can_park:
+                # Between requests: wait PARK_AFTER in this greenlet, then park
+                # instead of holding it in recv.  A connection woken from parking
+                # is still idle since it first waited, and has something to read.
+                if self.idle:
+                    wait = 0.0
+                else:
+                    self.idle = True
+                    self.idle_since = self.worker.now()
+                    wait = min(PARK_AFTER, keepalive_timeout)
+                data = self._recv_within(wait)
+                if data is None:
+                    left = self.idle_since + keepalive_timeout - self.worker.now()
+                    if left > 0:
+                        self.park(left)
+                    return None
+                self.idle = False
+                if not data:
+                    return None
+                self._feed(data)
+                continue
             if waiting_for_new:
                 # Even when the worker is stopping: the client may already be sending
                 # its next request (it will get "Connection: close"); the drain loop
@@ -621,8 +665,70 @@ class ClientConnection:
         return (ex.keep_alive and ex.complete and not self.must_close and not self.worker.stopping
                 and (ex.location is None or self.requests < ex.location.keepalive_requests))
 
+    # -- parking: an idle keep-alive connection without a greenlet (nginx's model) --
+    # False: wait between requests in the greenlet, as before parking existed.
+    can_park = True
+
+    def park(self, timeout: float) -> None:
+        """Wait for the next request with a read watcher and a keepalive timer on
+        the hub instead of a greenlet blocked in recv (which costs ~9 KiB).
+
+        The caller's greenlet then returns without closing the socket; the
+        watcher serves the connection again in a new greenlet (:meth:`_wake`),
+        the timer closes it (:meth:`_expire`).
+        """
+        loop = self.worker.loop
+        readable = loop.io(self.sock.fileno(), 1)
+        timer = loop.timer(timeout)
+        self.watchers = (readable, timer)
+        self.parked = True
+        self.current = None  # the last exchange need not be kept
+        readable.start(self._wake)
+        timer.start(self._expire)
+
+    def _unpark(self) -> bool:
+        """Stop the watchers; False if the connection was not parked."""
+        if not self.parked:
+            return False
+        self.parked = False
+        readable, timer = self.watchers
+        self.watchers = None
+        readable.stop()
+        timer.stop()
+        readable.close()
+        timer.close()
+        return True
+
+    def _wake(self) -> None:
+        """The client sent something (or closed): serve on, in a greenlet whose
+        parent is the hub (a raw greenlet: cheaper than gevent.spawn)."""
+        if self._unpark():
+            greenlet(self._resume, self.worker.hub).switch()
+
+    def _resume(self) -> None:
+        """Body of a greenlet serving a parked connection again.  Nothing may
+        escape it: it would be raised in the hub."""
+        try:
+            if self.serve():
+                return  # parked again
+        except BaseException:  # noqa: BLE001 - report as gevent does, keep the hub alive
+            self.worker.hub.print_exception(self, *sys.exc_info())
+        self.worker.connection_closed(self)
+
+    def _expire(self) -> None:
+        """keepalive_timeout passed while parked: close, as nginx does."""
+        if not self._unpark():
+            return
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+        self.worker.connection_closed(self)
+
     # -- the loop --
-    def serve(self) -> None:
+    def serve(self) -> bool:
+        """Serve requests until the client is done (the socket is then closed) or
+        the connection is parked (True: the socket stays open)."""
         try:
             self._serve()
         except ClientGone:
@@ -635,12 +741,14 @@ class ClientConnection:
                 pass
             self.linger = True
         finally:
-            if self.linger:
-                self._lingering_close()
-            try:
-                self.sock.close()
-            except OSError:
-                pass
+            if not self.parked:
+                if self.linger:
+                    self._lingering_close()
+                try:
+                    self.sock.close()
+                except OSError:
+                    pass
+        return self.parked
 
     def _lingering_close(self) -> None:
         """Half-close, then read and drop what the client still sends (nginx's
@@ -656,16 +764,15 @@ class ClientConnection:
                 return
 
     def _serve(self) -> None:
-        keepalive_timeout = self.listener.keepalive_timeout
         while True:
-            ex = self.next_exchange(keepalive_timeout)
+            ex = self.next_exchange(self.keepalive_timeout)
             if ex is None:
                 return
             self.requests += 1
             self.handle(ex)
             if ex.location is not None:
-                keepalive_timeout = ex.location.keepalive_timeout
-                if keepalive_timeout <= 0:
+                self.keepalive_timeout = ex.location.keepalive_timeout
+                if self.keepalive_timeout <= 0:
                     self.must_close = True
             # What the response announced decides, not the state now: a worker told
             # to stop after answering "keep-alive" must still serve the next request.
