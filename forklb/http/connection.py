@@ -450,11 +450,13 @@ class ClientConnection:
                 return self.pending.popleft()
             if self.must_close:
                 return None
-            waiting_for_new = not self.pending
-            if waiting_for_new and self.can_park:
+            if not self.pending:
                 # Between requests: wait PARK_AFTER in this greenlet, then park
                 # instead of holding it in recv.  A connection woken from parking
                 # is still idle since it first waited, and has something to read.
+                # Even when the worker is stopping: the client may already be sending
+                # its next request (it will get "Connection: close"); the drain loop
+                # closes idle connections, parked ones included.
                 if self.idle:
                     wait = 0.0
                 else:
@@ -472,24 +474,16 @@ class ClientConnection:
                     return None
                 self._feed(data)
                 continue
-            if waiting_for_new:
-                # Even when the worker is stopping: the client may already be sending
-                # its next request (it will get "Connection: close"); the drain loop
-                # closes the connection once it has been idle for a while.
-                self.idle = True
-                self.idle_since = self.worker.now()
-                timeout = keepalive_timeout
-            else:
-                # client_header_timeout is a deadline for the whole header: a client
-                # that trickles bytes does not extend it (nginx only limits the gaps).
-                # When it passes the connection is closed, as nginx does.
-                timeout = self.pending[0].header_deadline - self.worker.now()
-                if timeout <= 0:
-                    return None
+            # client_header_timeout is a deadline for the whole header: a client
+            # that trickles bytes does not extend it (nginx only limits the gaps).
+            # When it passes the connection is closed, as nginx does.
+            deadline = self.pending[0].header_deadline
+            timeout = deadline - self.worker.now()
+            if timeout <= 0:
+                return None
             data = self._recv(timeout)
-            self.idle = False
             if not data:
-                if not waiting_for_new and self.worker.now() >= self.pending[0].header_deadline:
+                if self.worker.now() >= deadline:
                     self.worker.log.info(f"{HEADER_TIMED_OUT}, client: {self.remote_addr}")
                 return None
             self._feed(data)
@@ -666,9 +660,6 @@ class ClientConnection:
                 and (ex.location is None or self.requests < ex.location.keepalive_requests))
 
     # -- parking: an idle keep-alive connection without a greenlet (nginx's model) --
-    # False: wait between requests in the greenlet, as before parking existed.
-    can_park = True
-
     def park(self, timeout: float) -> None:
         """Wait for the next request with a read watcher and a keepalive timer on
         the hub instead of a greenlet blocked in recv (which costs ~9 KiB).
