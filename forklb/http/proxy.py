@@ -476,10 +476,7 @@ def _relay_response(conn: ClientConnection, ex: Exchange, rt: LocationRuntime,
         if lname in rt.passed:
             relayed_own.add(lname)
         out += (name, b": ", value, b"\r\n")
-    if b"server" not in relayed_own:
-        out.append(b"Server: forklb\r\n")
-    if b"date" not in relayed_own:
-        out += (b"Date: ", conn.worker.date.now(), b"\r\n")
+    _add_own_headers(out, relayed_own, conn.worker.date.now())
     if listed:
         out = [_strip_listed(b"".join(out), listed)]
     if no_body:
@@ -586,6 +583,14 @@ def _relay_body(conn: ClientConnection, ex: Exchange, rt: LocationRuntime,
     return moved
 
 
+def _add_own_headers(out: list[bytes], relayed_own: set[bytes], date: bytes) -> None:
+    """forklb's Server and Date, unless the upstream's own were passed (proxy_pass_header)."""
+    if b"server" not in relayed_own:
+        out.append(b"Server: forklb\r\n")
+    if b"date" not in relayed_own:
+        out += (b"Date: ", date, b"\r\n")
+
+
 def tunnel_head(resp: ResponseHead, rt: LocationRuntime, date: bytes) -> bytes:
     """The 101 head relayed to the client, as nginx sends it: the upstream's
     headers (its Upgrade included) minus hop-by-hop and hidden ones, forklb's
@@ -599,10 +604,7 @@ def tunnel_head(resp: ResponseHead, rt: LocationRuntime, date: bytes) -> bytes:
         if lname in rt.passed:
             relayed_own.add(lname)
         out += (name, b": ", value, b"\r\n")
-    if b"server" not in relayed_own:
-        out.append(b"Server: forklb\r\n")
-    if b"date" not in relayed_own:
-        out += (b"Date: ", date, b"\r\n")
+    _add_own_headers(out, relayed_own, date)
     out.append(b"Connection: upgrade\r\n\r\n")
     return b"".join(out)
 
