@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import array
 import fcntl
+import gc
 import os
 import signal
 import socket as stdlib_socket
@@ -310,6 +311,9 @@ class Worker:
         gevent.spawn(self._flush_access_logs_periodically)
         gevent.spawn(self._heartbeat)
         gevent.spawn(metrics_gauges, self)
+        # Everything built so far lives as long as the worker: move it out of the
+        # cyclic collector's sight, so collections walk only per-request objects.
+        gc.freeze()
         os.write(self.status_fd, b"R")
         self.exit_event.wait()
 
