@@ -23,7 +23,7 @@ import os
 import signal
 import socket as stdlib_socket
 import termios
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from forklb.child import drop_privileges, reset_signals, start_gevent, watch_master
@@ -58,6 +58,9 @@ class Listener:
     header_line_max: int = 8192
     header_section_max: int = 4 * 8192
     send_timeout: float = 60.0  # for responses sent before a location is chosen
+    # Host header value -> (host, server), filled as requests arrive (see
+    # ClientConnection._route): a host is validated and matched once.
+    routes: dict = field(default_factory=dict)
 
 
 class LocationRuntime:
@@ -66,7 +69,8 @@ class LocationRuntime:
     __slots__ = ("handler", "group", "proxy_uri", "proxy_host", "set_headers", "overridden",
                  "sets_host", "connect_timeout", "read_timeout", "send_timeout", "mime_types",
                  "hidden", "passed", "doc_root", "alias_len", "next_upstream", "retry_statuses",
-                 "peers", "http10", "version_line", "tunnel", "upgrade_headers", "splice")
+                 "peers", "http10", "version_line", "tunnel", "upgrade_headers", "splice",
+                 "host_line")
 
     def __init__(self, loc: Location, groups: dict, mime_types: dict[str, str]):
         from forklb.http.protocol import FRAMING_RESPONSE, HIDDEN_BY_DEFAULT
@@ -106,6 +110,7 @@ class LocationRuntime:
             self.group = None
             self.proxy_uri = None
             self.proxy_host = ""
+        self.host_line = b"Host: " + self.proxy_host.encode("latin-1") + b"\r\n"
         # proxy_next_upstream: the policy, the response statuses it may act on (so
         # the common default costs one empty-set lookup per response) and nginx's
         # number of tries: every peer not marked down, primaries and backups.

@@ -26,15 +26,15 @@ from typing import TYPE_CHECKING
 import httptools
 from greenlet import greenlet
 
-from forklb.http import internal, protocol, splice
+from forklb.http import internal, protocol, sockio, splice
 from forklb.http.routing import BadHost, BadPath, normalize_path, split_host
-from forklb.http.validate import ChunkScanner, Invalid, header_name_allowed, transfer_coding
+from forklb.http.validate import ChunkScanner, Invalid, lowered_name, transfer_coding
 from forklb.model import access_allows
 
 if TYPE_CHECKING:
     from forklb.worker import Listener, LocationRuntime, Worker
 
-RECV_SIZE = 65536
+RECV_SIZE = sockio.RECV_SIZE
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 LINGERING_TIME = 5.0  # at most this long reading what a rejected client still sends
 LINGERING_TIMEOUT = 1.0  # ... and only while it keeps sending
@@ -43,6 +43,7 @@ _LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST
 # Not at once: parking and waking cost more than a greenlet's wait, and a busy
 # keep-alive client sends its next request well within this.
 PARK_AFTER = 0.5
+ROUTES_KEPT = 1024  # distinct Host values whose routing a listener remembers
 
 
 class ClientGone(Exception):
@@ -59,63 +60,62 @@ BODY_TOO_SLOW = ("client sent the request body slower than client_body_min_rate 
 
 
 class Exchange:
-    """One request and what is known of its response; the ``$variable`` context."""
+    """One request and what is known of its response; the ``$variable`` context.
 
-    __slots__ = (
-        "conn", "target_raw", "headers", "headers_done", "complete", "body", "method_b",
-        "version", "keep_alive", "start_time", "status", "body_bytes_sent", "bytes_sent",
-        "host", "uri", "args", "path", "server", "location", "proxy_host", "upstream_addr",
-        "upstream_status", "upstream_response_time", "upstream_connect_time", "content_length",
-        "chunked", "expect_continue",
-        "header_bytes", "header_bytes_read", "header_deadline", "upgrade_tail",
-        "redirects", "err_status", "error_paged",  # internal redirects, error_page
-        "request_method_b",  # the method as received, once error_page turned it into GET
-        "line_len", "lines_seen", "reject",
-    )
+    The class attributes are the defaults: a request sets only what it has (an
+    exchange is made per request, and most of these never change).
+    """
 
-    def __init__(self, conn: ClientConnection):
+    target_raw = b""
+    headers_done = False
+    complete = False
+    method_b = b""
+    version = "1.1"
+    keep_alive = False
+    status = 0
+    body_bytes_sent = 0
+    bytes_sent = 0
+    host = ""
+    uri = ""
+    args = ""
+    path = ""
+    server = None
+    location = None
+    proxy_host = ""
+    upstream_addr = ""
+    upstream_status = ""
+    upstream_response_time = ""
+    upstream_connect_time = ""
+    expect_continue = False  # "Expect: 100-continue": answered when the body is read
+    content_length: int | None = None
+    chunked = False
+    header_bytes = 0
+    header_bytes_read = 0
+    header_deadline = 0.0
+    redirects = 0  # internal redirects so far (index, try_files, error_page)
+    err_status = 0  # error_page: the status a page is served with (0: its own)
+    error_paged = False  # an error page was looked up: no second one
+    request_method_b = b""  # the method as received, once error_page turned it into GET
+    # An upgrade request (Connection: upgrade + Upgrade): the bytes that followed
+    # its head, which belong to the tunnel if there is one; None otherwise.
+    upgrade_tail: bytes | None = None
+    # large_client_header_buffers: the header line still arriving (over several
+    # reads) and how many lines ended; a limit broken by a complete header
+    line_len = 0
+    lines_seen = 0
+    reject: tuple[int, str] | None = None  # (status, error log message)
+    # Noted by ClientConnection.on_header as the headers arrive
+    host_header: bytes | None = None
+    host_repeated = False
+    codings: list[bytes] | None = None  # Transfer-Encoding values
+    expect: bytes | None = None
+
+    def __init__(self, conn: ClientConnection, header_deadline: float):
         self.conn = conn
-        self.target_raw = b""
         self.headers: list[tuple[bytes, bytes]] = []
-        self.headers_done = False
-        self.complete = False
         self.body: list[bytes] = []
-        self.method_b = b""
-        self.version = "1.1"
-        self.keep_alive = False
         self.start_time = time.time()
-        self.status = 0
-        self.body_bytes_sent = 0
-        self.bytes_sent = 0
-        self.host = ""
-        self.uri = ""
-        self.args = ""
-        self.path = ""
-        self.server = None
-        self.location = None
-        self.proxy_host = ""
-        self.upstream_addr = ""
-        self.upstream_status = ""
-        self.upstream_response_time = ""
-        self.upstream_connect_time = ""
-        self.expect_continue = False  # "Expect: 100-continue": answered when the body is read
-        self.content_length: int | None = None
-        self.chunked = False
-        self.header_bytes = 0
-        self.header_bytes_read = 0
-        self.header_deadline = 0.0
-        self.redirects = 0  # internal redirects so far (index, try_files, error_page)
-        self.err_status = 0  # error_page: the status a page is served with (0: its own)
-        self.error_paged = False  # an error page was looked up: no second one
-        self.request_method_b = b""
-        # An upgrade request (Connection: upgrade + Upgrade): the bytes that followed
-        # its head, which belong to the tunnel if there is one; None otherwise.
-        self.upgrade_tail: bytes | None = None
-        # large_client_header_buffers: the header line still arriving (over several
-        # reads) and how many lines ended; a limit broken by a complete header
-        self.line_len = 0
-        self.lines_seen = 0
-        self.reject: tuple[int, str] | None = None  # (status, error log message)
+        self.header_deadline = header_deadline
 
     # -- the $variable interface (see forklb.http.variables) --
     @property
@@ -216,6 +216,8 @@ class ClientConnection:
         self.worker = worker
         self.listener = listener
         self.sock = sock
+        # A plain socket is read through a Stream (forklb.http.sockio); TLS through OpenSSL.
+        self.stream = sockio.Stream(sock) if sock is not None and self.scheme == "http" else None
         self.remote_addr = address[0] if address else ""
         self.remote_port = address[1] if address and len(address) > 1 else 0
         self.pending: deque[Exchange] = deque()
@@ -241,8 +243,7 @@ class ClientConnection:
 
     # -- httptools callbacks: fill the Exchange being parsed --
     def on_message_begin(self) -> None:
-        ex = Exchange(self)
-        ex.header_deadline = self.worker.now() + self.listener.client_header_timeout
+        ex = Exchange(self, self.worker.now() + self.listener.client_header_timeout)
         self.parsing = ex
         self.pending.append(ex)
 
@@ -259,8 +260,11 @@ class ClientConnection:
             ex.reject = (431, f'client sent too long header line: "{_shown_line(name, value)}"')
         # nginx's ignore_invalid_headers: "X_Forwarded_For" is dropped, never
         # mistaken for (or forwarded next to) X-Forwarded-For.
-        if header_name_allowed(name):
+        lname = lowered_name(name)
+        if lname:
             ex.headers.append((name, value))
+            if lname in _NOTED:
+                _note_header(ex, lname, value)
 
     def on_headers_complete(self) -> None:
         ex = self.parsing
@@ -277,20 +281,12 @@ class ClientConnection:
         elif (ex.reject is None and ex.header_bytes + len(ex.method_b) + 14
               > listener.header_section_max):
             ex.reject = (431, "client sent too large request header")
-        codings = []
-        for name, value in ex.headers:
-            lname = name.lower()
-            if lname == b"content-length":
-                ex.content_length = int(value)
-            elif lname == b"transfer-encoding":
-                codings.append(value)
-            elif lname == b"expect":
-                ex.expect_continue = (value.lower() == b"100-continue"
-                                      and ex.version != "1.0")
-        if codings:
+        if ex.expect is not None:
+            ex.expect_continue = ex.expect.lower() == b"100-continue" and ex.version != "1.0"
+        if ex.codings:
             # Raised inside a callback: _feed takes it from the parser's error.
             try:
-                ex.chunked = transfer_coding(codings, ex.version)
+                ex.chunked = transfer_coding(ex.codings, ex.version)
             except Invalid as e:
                 raise BadRequest(e.status, e.message) from None
 
@@ -423,20 +419,27 @@ class ClientConnection:
         if tail:
             self._feed(tail)
 
+    # -- the socket: plain here, TLS in forklb.http.tls --
+    def _read(self, timeout: float) -> bytes:
+        """What the client sends within ``timeout`` (0: what is there already);
+        raises TimeoutError (BlockingIOError for 0) or OSError."""
+        return self.stream.recv(timeout)
+
+    def _write(self, data: bytes) -> None:
+        """Write all of ``data``, each wait bounded by ``send_timeout``."""
+        sockio.send_all(self.sock, data, self.send_timeout)
+
     def _recv(self, timeout: float) -> bytes:
-        self.sock.settimeout(timeout)
         try:
-            return self.sock.recv(RECV_SIZE)
-        except (TimeoutError, OSError):
+            return self._read(timeout)
+        except OSError:
             return b""
 
     def _recv_within(self, timeout: float) -> bytes | None:
         """What the client sends within ``timeout`` (0: what is there already):
         None if nothing, b"" if it is gone."""
-        sock = self.sock
-        sock.settimeout(timeout)
         try:
-            return sock.recv(RECV_SIZE)
+            return self._read(timeout)
         except (TimeoutError, BlockingIOError, ssl.SSLWantReadError):
             return None
         except OSError:
@@ -524,9 +527,8 @@ class ClientConnection:
                 if left <= 0:
                     self._body_timed_out(ex, BODY_TOO_SLOW)
                 timeout = min(idle, left)
-            self.sock.settimeout(timeout)
             try:
-                data = self.sock.recv(RECV_SIZE)
+                data = self._read(timeout)
             except TimeoutError:
                 if timeout < idle:
                     self._body_timed_out(ex, BODY_TOO_SLOW)
@@ -556,7 +558,7 @@ class ClientConnection:
         received = 0
         for data in ex.body:
             received += len(data)
-            protocol.send_all(dst, data)
+            sockio.send_all(dst, data, dst_timeout)
         ex.body = []
         if ex.complete:
             return
@@ -565,15 +567,18 @@ class ClientConnection:
             self.send(CONTINUE)
         timeout = splice.rate_timeout(idle, rate, start, received, self.worker.now)
         left = self.body_left
+
+        def send(view: memoryview) -> None:
+            sockio.send_all(dst, view, dst_timeout)
+
         try:
             if splice_min and left >= splice_min and splice.usable(self.sock):
                 try:
                     splice.relay(self.sock.fileno(), dst.fileno(), left, timeout, dst_timeout)
                 except splice.Unsupported:
-                    splice.copy(self.sock, lambda view: protocol.send_all(dst, view), left,
-                                timeout)
+                    splice.copy(self.sock, send, left, timeout)
             else:
-                splice.copy(self.sock, lambda view: protocol.send_all(dst, view), left, timeout)
+                splice.copy(self.sock, send, left, timeout)
         except splice.SpliceFailed as e:
             if e.side == "dst":
                 if e.kind == "timeout":
@@ -601,14 +606,8 @@ class ClientConnection:
     def send(self, data: bytes) -> None:
         """Write ``data``; each write must progress within ``send_timeout`` (nginx's
         "between two successive write operations"), else the connection is closed."""
-        sock = self.sock
-        sock.settimeout(self.send_timeout)
         try:
-            sent = sock.send(data)
-            if sent < len(data):
-                view = memoryview(data)
-                while sent < len(data):
-                    sent += sock.send(view[sent:])
+            self._write(data)
         except TimeoutError:
             raise self.send_timed_out() from None
         except OSError as e:
@@ -668,6 +667,8 @@ class ClientConnection:
         watcher serves the connection again in a new greenlet (:meth:`_wake`),
         the timer closes it (:meth:`_expire`).
         """
+        if self.stream is not None:
+            self.stream.pause()
         loop = self.worker.loop
         readable = loop.io(self.sock.fileno(), 1)
         timer = loop.timer(timeout)
@@ -688,6 +689,8 @@ class ClientConnection:
         timer.stop()
         readable.close()
         timer.close()
+        if self.stream is not None:
+            self.stream.resume()
         return True
 
     def _wake(self) -> None:
@@ -710,10 +713,7 @@ class ClientConnection:
         """keepalive_timeout passed while parked: close, as nginx does."""
         if not self._unpark():
             return
-        try:
-            self.sock.close()
-        except OSError:
-            pass
+        self._close()
         self.worker.connection_closed(self)
 
     # -- the loop --
@@ -727,19 +727,25 @@ class ClientConnection:
         except BadRequest as e:
             self.worker.log.info(f"{e.message}, client: {self.remote_addr}")
             try:
-                self.sock.sendall(protocol.simple_response(e.status, self.worker.date.now()))
-            except OSError:
+                self._write(protocol.simple_response(e.status, self.worker.date.now()))
+            except (OSError, ValueError, AttributeError):  # (a TLS socket shut down)
                 pass
             self.linger = True
         finally:
             if not self.parked:
                 if self.linger:
                     self._lingering_close()
-                try:
-                    self.sock.close()
-                except OSError:
-                    pass
+                self._close()
         return self.parked
+
+    def _close(self) -> None:
+        try:
+            if self.stream is not None:
+                self.stream.close()  # its watcher before the descriptor
+            else:
+                self.sock.close()
+        except OSError:
+            pass
 
     def _lingering_close(self) -> None:
         """Half-close, then read and drop what the client still sends (nginx's
@@ -811,12 +817,9 @@ class ClientConnection:
 
     def _route(self, ex: Exchange) -> None:
         target = ex.target_raw
-        host_header = None
-        for name, value in ex.headers:
-            if name.lower() == b"host":
-                if host_header is not None:
-                    raise BadRequest(400, "client sent duplicate host header")
-                host_header = value
+        if ex.host_repeated:
+            raise BadRequest(400, "client sent duplicate host header")
+        host_header = ex.host_header
         if target[:1] != b"/":
             scheme, sep, rest = target.partition(b"://")
             if not sep or scheme.lower() not in (b"http", b"https"):
@@ -834,14 +837,28 @@ class ClientConnection:
             ex.uri = normalize_path(path.decode("latin-1"))
         except BadPath:
             raise BadRequest(400, "client sent invalid request path") from None
+        route = self.listener.routes.get(host_header)
+        if route is None:
+            route = self._route_host(host_header)
+        host, server, matcher = route
+        ex.server = server
+        ex.host = host
+        ex.location = matcher.match(ex.uri)
+
+    def _route_host(self, host_header: bytes | None) -> tuple:
+        """($host, server, location matcher) for a Host value, kept for the next
+        requests with the same value (up to a bound)."""
         try:
             host = split_host(host_header.decode("latin-1")) if host_header is not None else ""
         except BadHost:
             raise BadRequest(400, "client sent invalid host header") from None
         server = self.listener.vhosts.select(host)
-        ex.server = server
-        ex.host = host or (server.names[0] if server.names else "")
-        ex.location = self.worker.matchers[id(server)].match(ex.uri)
+        route = (host or (server.names[0] if server.names else ""), server,
+                 self.worker.matchers[id(server)])
+        routes = self.listener.routes
+        if len(routes) < ROUTES_KEPT:
+            routes[host_header] = route
+        return route
 
 
 class _BodyOnly:
@@ -857,6 +874,26 @@ class _BodyOnly:
 
     def on_message_complete(self) -> None:
         self.ex.complete = True
+
+
+_NOTED = frozenset({b"host", b"content-length", b"transfer-encoding", b"expect"})
+
+
+def _note_header(ex: Exchange, lname: bytes, value: bytes) -> None:
+    """Keep what routing and framing need from one of the ``_NOTED`` headers."""
+    if lname == b"host":
+        if ex.host_header is not None:
+            ex.host_repeated = True
+        else:
+            ex.host_header = value
+    elif lname == b"content-length":
+        ex.content_length = int(value)  # llhttp has checked it
+    elif lname == b"transfer-encoding":
+        if ex.codings is None:
+            ex.codings = []
+        ex.codings.append(value)
+    else:
+        ex.expect = value
 
 
 def _shown_line(name: bytes, value: bytes) -> str:

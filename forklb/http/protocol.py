@@ -34,17 +34,6 @@ HOP_BY_HOP_RESPONSE = FRAMING_RESPONSE | HIDDEN_BY_DEFAULT
 IDEMPOTENT_METHODS = frozenset({b"GET", b"HEAD", b"PUT", b"DELETE", b"OPTIONS", b"TRACE"})
 
 
-def send_all(sock, data: bytes) -> None:
-    """``sock.sendall(data)`` in one ``send`` call when the kernel takes it all.
-
-    gevent's ``sendall`` asks for SO_SNDBUF on every call: one more system call
-    per write, which matters on the request path.  Short writes fall back to it.
-    """
-    sent = sock.send(data)
-    if sent < len(data):
-        sock.sendall(memoryview(data)[sent:])
-
-
 # nginx's wording where Python's differs
 _NGINX_REASONS = {414: b"Request-URI Too Large"}
 
@@ -69,11 +58,18 @@ def connection_tokens(values: list[bytes]) -> frozenset[bytes]:
     """
     out = set()
     for value in values:
+        if value in _PLAIN_CONNECTION:  # the usual single option, as upstreams spell it
+            continue
         for token in value.split(b","):
             token = token.strip().lower()
             if token not in _CONNECTION_OPTIONS:
                 out.add(token)
-    return frozenset(out)
+    return frozenset(out) if out else _NO_TOKENS
+
+
+_PLAIN_CONNECTION = frozenset({b"keep-alive", b"Keep-Alive", b"close", b"Close", b"upgrade",
+                               b"Upgrade", b""})
+_NO_TOKENS: frozenset[bytes] = frozenset()
 
 
 def chunk(data: bytes) -> bytes:
@@ -87,18 +83,25 @@ LAST_CHUNK = b"0\r\n\r\n"
 class HttpDate:
     """``Date`` header value, formatted once per second."""
 
-    __slots__ = ("second", "value")
+    __slots__ = ("second", "value", "own_lines")
 
     def __init__(self) -> None:
         self.second = -1
         self.value = b""
+        self.own_lines = b""  # "Server: forklb" and "Date: ..." header lines
 
     def now(self) -> bytes:
         second = int(time.time())
         if second != self.second:
             self.second = second
             self.value = time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(second)).encode()
+            self.own_lines = b"Server: " + SERVER_NAME + b"\r\nDate: " + self.value + b"\r\n"
         return self.value
+
+    def own_header_lines(self) -> bytes:
+        """forklb's ``Server`` and ``Date`` lines of a relayed response."""
+        self.now()
+        return self.own_lines
 
 
 def error_page(status: int) -> bytes:

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 import httptools
 
 from forklb.http import next_upstream as nu
-from forklb.http import protocol, splice
+from forklb.http import protocol, sockio, splice
 from forklb.http.connection import RECV_SIZE, ClientConnection, ClientGone, Exchange
 from forklb.http.validate import Invalid, response_start_ok, transfer_coding
 from forklb.metrics import recorder as metrics_recorder
@@ -60,14 +60,15 @@ class UpstreamError(Exception):
 class ResponseHead:
     """httptools callbacks for one upstream response."""
 
-    __slots__ = ("parser", "reason", "headers", "headers_done", "complete", "body", "status",
-                 "keep_alive", "head_request", "prefix", "upgrade_rest")
+    __slots__ = ("parser", "reason", "headers", "codings", "headers_done", "complete", "body",
+                 "status", "keep_alive", "head_request", "prefix", "upgrade_rest")
 
     def __init__(self, head_request: bool):
         self.parser = httptools.HttpResponseParser(self)
         self.head_request = head_request
         self.reason = b""
         self.headers: list[tuple[bytes, bytes]] = []
+        self.codings: list[bytes] = []  # Transfer-Encoding values
         self.headers_done = False
         self.complete = False
         self.body: list[bytes] = []
@@ -79,6 +80,7 @@ class ResponseHead:
     def on_message_begin(self) -> None:
         self.reason = b""
         self.headers = []
+        self.codings = []
         self.headers_done = False
         self.complete = False
 
@@ -87,13 +89,15 @@ class ResponseHead:
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self.headers.append((name, value))
+        if len(name) == 17 and name.lower() == b"transfer-encoding":
+            self.codings.append(value)
 
     def on_headers_complete(self) -> None:
         self.status = self.parser.get_status_code()
         self.keep_alive = self.parser.should_keep_alive()
         if 100 <= self.status < 200 and self.status != 101:
             return  # interim response: skipped, the final one follows
-        codings = [v for n, v in self.headers if n.lower() == b"transfer-encoding"]
+        codings = self.codings
         if codings:
             # Any coding but chunked (nginx >= 1.23: "upstream sent unknown
             # Transfer-Encoding"): the body's end could not be found. Re-raised by feed.
@@ -158,7 +162,7 @@ def request_head(ex: Exchange, rt: LocationRuntime, uri: bytes, tunnel: bool = F
             if configured_connection and name.lower() == b"connection":
                 connection_set = True
     if not rt.sets_host:
-        lines += (b"Host: ", ex.proxy_host.encode("latin-1"), b"\r\n")
+        lines.append(rt.host_line)
     if (rt.http10 or not rt.group.keepalive) and not connection_set:
         lines.append(b"Connection: close\r\n")
     if ex.chunked:
@@ -331,7 +335,7 @@ def _next_on_status(policy: nu.NextUpstream, status: int, tries: int, peers: int
 
 def _finish_log(ex: Exchange, addrs: list[str], statuses: list[str], started: float) -> None:
     """$upstream_addr (every peer tried) and the time spent, for the access log."""
-    ex.upstream_addr = ", ".join(addrs)
+    ex.upstream_addr = addrs[0] if len(addrs) == 1 else ", ".join(addrs)
     ex.upstream_response_time = f"{time.monotonic() - started:.3f}"
     if statuses:
         ex.upstream_status = ", ".join(statuses)
@@ -339,7 +343,7 @@ def _finish_log(ex: Exchange, addrs: list[str], statuses: list[str], started: fl
 
 def _try_peer(conn: ClientConnection, ex: Exchange, rt: LocationRuntime, group: UpstreamGroup,
               index: int, head: bytes, idempotent: bool, tunnel: bool,
-              body: list[bytes] | None) -> tuple[socket.socket, ResponseHead]:
+              body: list[bytes] | None) -> tuple[sockio.Stream, ResponseHead]:
     """Send ``ex`` to peer ``index`` and read the response head: on an idle pooled
     connection if there is one, again on a fresh connection if that one turns
     out to be closed."""
@@ -374,13 +378,13 @@ def _note_connect_time(ex: Exchange, value: str) -> None:
 
 
 def _connect(group: UpstreamGroup, index: int, rt: LocationRuntime,
-             ex: Exchange) -> socket.socket:
+             ex: Exchange) -> sockio.Stream:
     started = time.monotonic()
     try:
         sock = connect(group.address(index), rt.connect_timeout)
         metrics_recorder.connected(group, index, started)
         _note_connect_time(ex, f"{time.monotonic() - started:.3f}")
-        return sock
+        return sockio.Stream(sock)
     except TimeoutError:
         _note_connect_time(ex, "-")
         raise UpstreamError("upstream timed out (110: Connection timed out) while connecting "
@@ -391,7 +395,7 @@ def _connect(group: UpstreamGroup, index: int, rt: LocationRuntime,
                             "upstream") from None
 
 
-def _attempt(conn: ClientConnection, ex: Exchange, rt: LocationRuntime, sock: socket.socket,
+def _attempt(conn: ClientConnection, ex: Exchange, rt: LocationRuntime, sock: sockio.Stream,
              head: bytes, reused: bool, tunnel: bool = False,
              body: list[bytes] | None = None) -> ResponseHead:
     """One try on ``sock``: send the request, its body (``body`` when kept for
@@ -399,24 +403,24 @@ def _attempt(conn: ClientConnection, ex: Exchange, rt: LocationRuntime, sock: so
     sent = body_consumed = False
     phase = "sending request to upstream"
     try:
-        sock.settimeout(rt.send_timeout)
-        send_all = protocol.send_all
-        send_all(sock, head)
+        send_all = sock.send_all
+        timeout = rt.send_timeout
+        send_all(head, timeout)
         sent = True
         if ex.has_body:
             body_consumed = body is None
             if body is None and not ex.chunked and ex.content_length >= splice.MIN_BODY:
-                conn.relay_body(ex, sock, rt.send_timeout, rt.splice)
+                conn.relay_body(ex, sock.sock, timeout, rt.splice)
             else:
                 for data in conn.body_chunks(ex) if body is None else body:
-                    send_all(sock, protocol.chunk(data) if ex.chunked else data)
+                    send_all(protocol.chunk(data) if ex.chunked else data, timeout)
             if ex.chunked:
-                send_all(sock, protocol.LAST_CHUNK)
+                send_all(protocol.LAST_CHUNK, timeout)
         phase = "reading response header from upstream"
-        sock.settimeout(rt.read_timeout)
+        timeout = rt.read_timeout
         resp = ResponseHead(ex.method_b == b"HEAD")
         while not resp.headers_done:
-            data = sock.recv(RECV_SIZE)
+            data = sock.recv(timeout)
             if not data:
                 raise UpstreamError(f"upstream prematurely closed connection while {phase}",
                                     stale=reused, sent=sent, body_consumed=body_consumed)
@@ -444,7 +448,7 @@ def _attempt(conn: ClientConnection, ex: Exchange, rt: LocationRuntime, sock: so
 
 
 def _relay_response(conn: ClientConnection, ex: Exchange, rt: LocationRuntime,
-                    sock: socket.socket, resp: ResponseHead) -> bool:
+                    sock: sockio.Stream, resp: ResponseHead) -> bool:
     if ex.location.proxy_intercept_errors and resp.status >= 300 and not ex.error_paged \
             and resp.status in ex.location.error_pages:
         # proxy_intercept_errors: the page replaces the upstream's answer, whose
@@ -461,6 +465,7 @@ def _relay_response(conn: ClientConnection, ex: Exchange, rt: LocationRuntime,
     reason = resp.reason if status == resp.status else b""
     out = [b"HTTP/1.1 %d %s\r\n" % (status, reason or protocol.reason(status))]
     hidden = rt.hidden
+    passed = rt.passed
     listed: frozenset[bytes] = frozenset()
     relayed_own: set[bytes] = set()  # Server/Date from upstream (proxy_pass_header)
     for name, value in resp.headers:
@@ -473,10 +478,13 @@ def _relay_response(conn: ClientConnection, ex: Exchange, rt: LocationRuntime,
             elif lname == b"connection":  # every Connection line counts
                 listed = listed | protocol.connection_tokens([value])
             continue
-        if lname in rt.passed:
+        if passed and lname in passed:
             relayed_own.add(lname)
         out += (name, b": ", value, b"\r\n")
-    _add_own_headers(out, relayed_own, conn.worker.date.now())
+    if relayed_own:
+        _add_own_headers(out, relayed_own, conn.worker.date.now())
+    else:
+        out.append(conn.worker.date.own_header_lines())
     if listed:
         out = [_strip_listed(b"".join(out), listed)]
     if no_body:
@@ -496,7 +504,9 @@ def _relay_response(conn: ClientConnection, ex: Exchange, rt: LocationRuntime,
     if not keep:
         conn.must_close = True
     out.append(b"Connection: keep-alive\r\n\r\n" if keep else b"Connection: close\r\n\r\n")
-    head_len = sum(len(p) for p in out)
+    head = b"".join(out)
+    head_len = len(head)
+    out = [head]
     close_delimited = not no_body and content_length is None and not chunked_upstream
     # A large Content-Length body skips the parser once what came with the head is
     # sent: copied with recv_into, or spliced (forklb.http.splice).
@@ -519,7 +529,7 @@ def _relay_response(conn: ClientConnection, ex: Exchange, rt: LocationRuntime,
             sent += _relay_body(conn, ex, rt, sock, resp, content_length - sent)
             break
         try:
-            data = sock.recv(RECV_SIZE)
+            data = sock.recv(rt.read_timeout)
         except OSError as e:
             # A stall mid-body ends at proxy_read_timeout, logged in nginx's words.
             what = ("upstream timed out (110: Connection timed out)"
@@ -548,13 +558,15 @@ def _relay_response(conn: ClientConnection, ex: Exchange, rt: LocationRuntime,
 
 
 def _relay_body(conn: ClientConnection, ex: Exchange, rt: LocationRuntime,
-                sock: socket.socket, resp: ResponseHead, left: int) -> int:
+                stream: sockio.Stream, resp: ResponseHead, left: int) -> int:
     """Relay the ``left`` bytes that end a Content-Length body from ``sock`` to
     the client without the parser: spliced from ``proxy_splice``'s size on
     where the worker can (plain client), else copied with
     recv_into.  Returns how many reached the client.  An upstream failure is
     logged as on the parser's path and closes the client connection; a client
     failure raises ClientGone."""
+    sock = stream.sock
+    sock.settimeout(rt.read_timeout)  # for splice.copy's reads
     try:
         if rt.splice and left >= rt.splice and splice.usable(conn.sock):
             try:
@@ -610,14 +622,14 @@ def tunnel_head(resp: ResponseHead, rt: LocationRuntime, date: bytes) -> bytes:
 
 
 def _relay_tunnel(conn: ClientConnection, ex: Exchange, rt: LocationRuntime,
-                  sock: socket.socket, resp: ResponseHead) -> None:
+                  stream: sockio.Stream, resp: ResponseHead) -> None:
     """Relay the 101 head, then bytes both ways until one side closes or both are
     idle for proxy_read_timeout (nginx's upgraded mode); the connection then ends."""
     ex.status = 101
     conn.must_close = True
     head = tunnel_head(resp, rt, conn.worker.date.now())
     conn.send(head)
-    to_client = pipe(conn.sock, sock, first_down=resp.upgrade_rest or b"",
+    to_client = pipe(conn.sock, stream.sock, first_down=resp.upgrade_rest or b"",
                      first_up=ex.upgrade_tail or b"", idle_timeout=rt.read_timeout,
                      send_timeout=rt.send_timeout)
     ex.body_bytes_sent = to_client

@@ -37,7 +37,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
-from forklb.http import internal
+from forklb.http import internal, sockio
 from forklb.http.connection import ClientConnection, ClientGone, Exchange
 from forklb.http.protocol import reason
 from forklb.http.returns import absolute
@@ -384,16 +384,15 @@ def _send_body(conn: ClientConnection, head: bytes, fd: int, offset: int, count:
 
 def _sendfile(conn: ClientConnection, fd: int, offset: int, count: int) -> int:
     """``os.sendfile`` on the non-blocking client socket, yielding to gevent while it is full."""
-    from gevent.socket import wait_write  # the worker's hub; this module runs only there
-
-    out = conn.sock.fileno()
+    sock = conn.sock
+    out = sock.fileno()
     sent = 0
     while sent < count:
         try:
             n = os.sendfile(out, fd, offset + sent, min(count - sent, SENDFILE_CHUNK))
         except BlockingIOError:
             try:
-                wait_write(out, timeout=conn.send_timeout)
+                sockio.wait(sock, sock._write_event, conn.send_timeout)
             except TimeoutError:
                 raise conn.send_timed_out() from None
             continue

@@ -28,7 +28,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from forklb.http import protocol
-from forklb.http.connection import BadRequest, ClientConnection, ClientGone, Exchange
+from forklb.http.connection import RECV_SIZE, BadRequest, ClientConnection, ClientGone, Exchange
 from forklb.model import Tls
 
 if TYPE_CHECKING:
@@ -237,6 +237,21 @@ class TlsConnection(ClientConnection):
             return getattr(sock, "sni_name", "")
         except (ValueError, AttributeError):  # shut down meanwhile
             return ""
+
+    # gevent's SSLSocket methods: the bytes pass through OpenSSL
+    def _read(self, timeout: float) -> bytes:
+        sock = self.sock
+        sock.settimeout(timeout)
+        return sock.recv(RECV_SIZE)
+
+    def _write(self, data: bytes) -> None:
+        sock = self.sock
+        sock.settimeout(self.send_timeout)
+        sent = sock.send(data)
+        if sent < len(data):
+            view = memoryview(data)
+            while sent < len(data):
+                sent += sock.send(view[sent:])
 
     def _recv(self, timeout: float) -> bytes:
         try:

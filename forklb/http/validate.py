@@ -42,6 +42,22 @@ def header_name_allowed(name: bytes) -> bool:
     return bool(name) and not name.translate(None, _NAME_BYTES)
 
 
+# Raw header name -> its lower-case form, or b"" when nginx calls it invalid.  Names
+# repeat from request to request, so each is checked once (up to a bound).
+_LOWERED: dict[bytes, bytes] = {}
+_LOWERED_MAX = 4096
+
+
+def lowered_name(name: bytes) -> bytes:
+    """``name`` in lower case if :func:`header_name_allowed`, else b"" (cached)."""
+    lname = _LOWERED.get(name)
+    if lname is None:
+        lname = name.lower() if header_name_allowed(name) else b""
+        if len(_LOWERED) < _LOWERED_MAX:
+            _LOWERED[name] = lname
+    return lname
+
+
 def transfer_coding(values: list[bytes], version: str) -> bool:
     """Check the request's Transfer-Encoding header values; True for a chunked body.
 

@@ -53,6 +53,7 @@ class UpstreamGroup:
         self.addresses = [s.address for s in upstream.servers]
         self.dynamic = [s.resolve for s in upstream.servers]
         self.seen = list(self.addresses)  # last address used, per peer
+        self.labels = [show_address(*a) for a in self.addresses]  # for logs, per peer
         self.view = view
         self.base = slot * self.size  # this worker's slots in the per-worker arrays
         self.keepalive = upstream.keepalive
@@ -135,6 +136,8 @@ class UpstreamGroup:
         return now
 
     def label(self, i: int) -> str:
+        if not self.dynamic[i]:
+            return self.labels[i]
         return show_address(*self.address(i))
 
     def in_service(self, i: int) -> bool:
@@ -280,8 +283,8 @@ class Choice:
         g = self.group
         p = g.primaries
         mask = g._steady
-        if not self.tried and mask > 0 and all(
-                g.below_max_conns(i) for i in g.limited if mask >> i & 1):
+        if not self.tried and mask > 0 and (not g.limited or all(
+                g.below_max_conns(i) for i in g.limited if mask >> i & 1)):
             sched = g.schedule(mask, g._weights)
             ticket = g.view.ticket
             n = ticket.value

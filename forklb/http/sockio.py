@@ -1,0 +1,168 @@
+"""Reads and writes on plain gevent sockets for the request path, each wait bounded
+by a timeout, at the cost of a bare loop timer.
+
+gevent's own socket methods cover every wait with a ``gevent.Timeout`` (a
+Python object, about 2.3 µs to start and cancel) and go through several
+Python-level layers; a proxied request waits about twice.  Here a read or write
+is tried at once on the underlying socket, and only when it would block does
+the greenlet wait on the socket's own io watcher, with a libev timer (0.2 µs)
+that throws ``TimeoutError`` into it.  Closing the socket from another greenlet
+still wakes the waiter, with gevent's "closed in another greenlet" error,
+because the watcher is the socket's.
+
+Only for plain TCP sockets: a TLS socket's bytes pass through OpenSSL, so it
+keeps gevent's methods (:class:`forklb.http.tls.TlsConnection`).
+"""
+
+from __future__ import annotations
+
+from greenlet import getcurrent
+
+RECV_SIZE = 65536
+
+
+def wait(sock, watcher, timeout: float | None) -> None:
+    """Block the current greenlet until ``watcher`` (``sock``'s read or write
+    watcher) fires; raise TimeoutError when ``timeout`` seconds pass first."""
+    hub = sock.hub
+    current = getcurrent()
+    watcher.start(current.switch)
+    if timeout is None:
+        try:
+            hub.switch()
+        finally:
+            watcher.stop()
+        return
+    timer = hub.loop.timer(timeout)
+    timer.start(current.throw, TimeoutError)
+    try:
+        hub.switch()
+    finally:
+        watcher.stop()
+        timer.stop()
+        timer.close()
+
+
+def recv(sock, timeout: float | None, size: int = RECV_SIZE) -> bytes:
+    """Up to ``size`` bytes from ``sock``, waiting at most ``timeout`` for them
+    (b"" at end of stream; TimeoutError, or OSError for a reset).  A timeout of
+    0 takes only what is there already (BlockingIOError if nothing is)."""
+    raw = sock._sock
+    while True:
+        try:
+            return raw.recv(size)
+        except BlockingIOError:
+            if timeout == 0:
+                raise
+            wait(sock, sock._read_event, timeout)
+
+
+def send_all(sock, data: bytes, timeout: float | None) -> None:
+    """Write all of ``data``; each wait for room is bounded by ``timeout`` (nginx's
+    send_timeout: between two successive writes, not for the whole)."""
+    raw = sock._sock
+    try:
+        sent = raw.send(data)
+    except BlockingIOError:
+        sent = 0
+    if sent == len(data):
+        return
+    view = memoryview(data)
+    while sent < len(view):
+        wait(sock, sock._write_event, timeout)
+        try:
+            sent += raw.send(view[sent:])
+        except BlockingIOError:
+            pass
+
+
+class Stream:
+    """A plain socket whose read watcher stays started between reads.
+
+    gevent starts and stops a socket's watcher around every wait, and libev
+    re-adds the descriptor to epoll when it is started again: one ``epoll_ctl``
+    per wait.  Reading first and waiting on EAGAIN costs a failed ``recv``
+    instead.  On the request path the answer is almost never there yet (the
+    upstream's response right after the request went out, the client's next
+    request right after a response), so a Stream waits first, on a watcher that
+    stays armed: one ``recv`` per read and no ``epoll_ctl`` (nginx's
+    edge-triggered descriptors get the same).
+
+    epoll is level-triggered under libev, so readiness that nobody waits for
+    (a pooled connection closed by its server, a client sending ahead) would
+    call the watcher on every loop iteration; the watcher then stops and
+    remembers it, and the next wait returns at once.
+    """
+
+    __slots__ = ("sock", "raw", "hub", "watcher", "waiter", "ready")
+
+    def __init__(self, sock):
+        self.sock = sock
+        self.raw = sock._sock
+        self.hub = sock.hub
+        self.watcher = self.hub.loop.io(sock.fileno(), 1)
+        self.waiter = None  # the greenlet in wait_readable
+        self.ready = False  # became readable while nobody waited
+        self.watcher.start(self._readable)
+
+    def _readable(self) -> None:
+        waiter = self.waiter
+        if waiter is not None:
+            waiter.switch()
+        else:
+            self.ready = True
+            self.watcher.stop()
+
+    def wait_readable(self, timeout: float | None) -> None:
+        """Return when the socket is readable (data, end of stream or an error);
+        TimeoutError after ``timeout`` seconds."""
+        if self.ready:
+            self.ready = False
+            self.watcher.start(self._readable)
+            return
+        self.waiter = current = getcurrent()
+        timer = None
+        if timeout is not None:
+            timer = self.hub.loop.timer(timeout)
+            timer.start(current.throw, TimeoutError)
+        try:
+            self.hub.switch()
+        finally:
+            self.waiter = None
+            if timer is not None:
+                timer.stop()
+                timer.close()
+
+    def recv(self, timeout: float | None, size: int = RECV_SIZE) -> bytes:
+        """Wait for the socket, then read up to ``size`` bytes (b"" at end of
+        stream; TimeoutError, or OSError for a reset).  A timeout of 0 takes
+        only what is there already (BlockingIOError if nothing is)."""
+        raw = self.raw
+        if timeout == 0:
+            return raw.recv(size)
+        while True:
+            self.wait_readable(timeout)
+            try:
+                return raw.recv(size)
+            except BlockingIOError:  # read meanwhile by gevent's own methods
+                continue
+
+    def send_all(self, data: bytes, timeout: float | None) -> None:
+        send_all(self.sock, data, timeout)
+
+    def pause(self) -> None:
+        """Stop watching (the socket is watched elsewhere for a while: parked)."""
+        self.watcher.stop()
+        self.ready = False
+
+    def resume(self) -> None:
+        self.watcher.start(self._readable)
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def close(self) -> None:
+        """Close the socket; the watcher goes first, before its descriptor."""
+        self.watcher.stop()
+        self.watcher.close()
+        self.sock.close()
