@@ -28,6 +28,7 @@ from greenlet import greenlet
 
 from forklb.http import internal, protocol, sockio, splice
 from forklb.http.routing import BadHost, BadPath, normalize_path, split_host
+from forklb.http.validate import LOWERED_NAMES as _LOWERED
 from forklb.http.validate import ChunkScanner, Invalid, lowered_name, transfer_coding
 from forklb.model import access_allows
 
@@ -260,7 +261,9 @@ class ClientConnection:
             ex.reject = (431, f'client sent too long header line: "{_shown_line(name, value)}"')
         # nginx's ignore_invalid_headers: "X_Forwarded_For" is dropped, never
         # mistaken for (or forwarded next to) X-Forwarded-For.
-        lname = lowered_name(name)
+        lname = _LOWERED.get(name)
+        if lname is None:
+            lname = lowered_name(name)
         if lname:
             ex.headers.append((name, value))
             if lname in _NOTED:
@@ -739,6 +742,7 @@ class ClientConnection:
         return self.parked
 
     def _close(self) -> None:
+        self.parser = None  # it holds this connection for its callbacks: a cycle
         try:
             if self.stream is not None:
                 self.stream.close()  # its watcher before the descriptor

@@ -113,6 +113,11 @@ class ResponseHead:
         if self.headers_done:
             self.complete = True
 
+    def release(self) -> None:
+        """Break the reference cycle with the parser (which holds this object for
+        its callbacks), so the pair is freed at once, not by the cyclic collector."""
+        self.parser = None
+
     def feed(self, data: bytes) -> None:
         """Parse ``data``; a reply that is not HTTP/1.x, or framing forklb refuses,
         raises Invalid (llhttp takes RTSP/ and ICE/ too, nginx 1.22 even HTTP/0.9)."""
@@ -170,12 +175,13 @@ def request_head(ex: Exchange, rt: LocationRuntime, uri: bytes, tunnel: bool = F
     elif ex.content_length is not None:
         lines.append(b"Content-Length: %d\r\n" % ex.content_length)
     skip = rt.overridden
+    hop_by_hop = protocol.HOP_BY_HOP_REQUEST
     connection_listed = None
     start = len(lines)
     for name, value in ex.headers:
         # (names nginx calls invalid, "X_Forwarded_For", were dropped by the parser)
         lname = name.lower()
-        if lname in protocol.HOP_BY_HOP_REQUEST or lname in skip:
+        if lname in hop_by_hop or lname in skip:
             if lname == b"connection":  # every Connection line counts, not the last
                 listed = protocol.connection_tokens([value])
                 connection_listed = connection_listed | listed if connection_listed else listed
@@ -289,6 +295,7 @@ def proxy(conn: ClientConnection, ex: Exchange, rt: LocationRuntime) -> None:
                 if resp.status in rt.retry_statuses and _next_on_status(
                         policy, resp.status, tries, rt.peers, started, ex, body is not None):
                     # Nothing went to the client: drop the response with its connection.
+                    resp.release()
                     sock.close()
                     statuses.append(str(resp.status))
                     conn.worker.stats.upstream_done(group, index, resp.status, started,
@@ -302,11 +309,13 @@ def proxy(conn: ClientConnection, ex: Exchange, rt: LocationRuntime) -> None:
                     # max_conns) for as long as it lasts.
                     ex.upstream_status = ", ".join([*statuses, "101"])
                     _relay_tunnel(conn, ex, rt, sock, resp)
+                    resp.release()
                     relayed = False  # a tunnelled connection is never reused
                 else:
                     group.release(index)
                     released = True
                     relayed = _relay_response(conn, ex, rt, sock, resp)
+                    resp.release()
                     if statuses:
                         ex.upstream_status = ", ".join([*statuses, ex.upstream_status])
             except BaseException:
@@ -449,65 +458,33 @@ def _attempt(conn: ClientConnection, ex: Exchange, rt: LocationRuntime, sock: so
 
 def _relay_response(conn: ClientConnection, ex: Exchange, rt: LocationRuntime,
                     sock: sockio.Stream, resp: ResponseHead) -> bool:
-    if ex.location.proxy_intercept_errors and resp.status >= 300 and not ex.error_paged \
-            and resp.status in ex.location.error_pages:
+    """Send the response whose head is in ``resp`` to the client and relay its
+    body; True if the upstream connection can be reused."""
+    status = resp.status
+    if status >= 300 and ex.location.proxy_intercept_errors and not ex.error_paged \
+            and status in ex.location.error_pages:
         # proxy_intercept_errors: the page replaces the upstream's answer, whose
         # connection is dropped rather than drained
-        ex.upstream_status = str(resp.status)
-        conn.respond_simple(ex, resp.status)
+        ex.upstream_status = str(status)
+        conn.respond_simple(ex, status)
         return False
-    status = ex.err_status or resp.status  # an error page keeps the error's status
+    if ex.err_status:
+        status = ex.err_status  # an error page keeps the error's status
     ex.status = status
     ex.upstream_status = str(status)
-    no_body = ex.method_b == b"HEAD" or status in (204, 304)
-    content_length = None
-    chunked_upstream = False
-    reason = resp.reason if status == resp.status else b""
-    out = [b"HTTP/1.1 %d %s\r\n" % (status, reason or protocol.reason(status))]
-    hidden = rt.hidden
-    passed = rt.passed
-    listed: frozenset[bytes] = frozenset()
-    relayed_own: set[bytes] = set()  # Server/Date from upstream (proxy_pass_header)
-    for name, value in resp.headers:
-        lname = name.lower()
-        if lname in hidden:
-            if lname == b"content-length":
-                content_length = int(value)
-            elif lname == b"transfer-encoding":
-                chunked_upstream = True
-            elif lname == b"connection":  # every Connection line counts
-                listed = listed | protocol.connection_tokens([value])
-            continue
-        if passed and lname in passed:
-            relayed_own.add(lname)
-        out += (name, b": ", value, b"\r\n")
-    if relayed_own:
-        _add_own_headers(out, relayed_own, conn.worker.date.now())
-    else:
-        out.append(conn.worker.date.own_header_lines())
-    if listed:
-        out = [_strip_listed(b"".join(out), listed)]
-    if no_body:
-        mode = "none"
-        if content_length is not None:
-            out.append(b"Content-Length: %d\r\n" % content_length)
-    elif content_length is not None:
-        mode = "length"
-        out.append(b"Content-Length: %d\r\n" % content_length)
-    elif ex.version == "1.1":
-        mode = "chunked"  # chunked or close-delimited upstream: re-encoded
-        out.append(b"Transfer-Encoding: chunked\r\n")
-    else:
-        mode = "close"
-        conn.must_close = True
-    keep = conn.keep_alive_after(ex)
-    if not keep:
-        conn.must_close = True
-    out.append(b"Connection: keep-alive\r\n\r\n" if keep else b"Connection: close\r\n\r\n")
-    head = b"".join(out)
+    head, mode, content_length = _response_head(conn, ex, rt, resp, status)
+    close_delimited = mode != "none" and content_length is None and not resp.codings
+    if resp.complete and mode == "length":
+        # The usual small response: head and body in one write
+        body = resp.body
+        resp.body = []
+        sent = sum(map(len, body)) if body else 0
+        conn.send(b"".join((head, *body)) if body else head)
+        ex.body_bytes_sent = sent
+        ex.bytes_sent = len(head) + sent
+        return resp.keep_alive
     head_len = len(head)
     out = [head]
-    close_delimited = not no_body and content_length is None and not chunked_upstream
     # A large Content-Length body skips the parser once what came with the head is
     # sent: copied with recv_into, or spliced (forklb.http.splice).
     direct = mode == "length" and content_length >= splice.MIN_BODY
@@ -555,6 +532,56 @@ def _relay_response(conn: ClientConnection, ex: Exchange, rt: LocationRuntime,
     ex.body_bytes_sent = sent
     ex.bytes_sent = head_len + sent
     return resp.complete and resp.keep_alive and not close_delimited
+
+
+def _response_head(conn: ClientConnection, ex: Exchange, rt: LocationRuntime,
+                   resp: ResponseHead, status: int) -> tuple[bytes, str, int | None]:
+    """The head sent to the client, how its body is framed ("length", "chunked"
+    re-encoded, "close"-delimited or "none") and the upstream's Content-Length.
+    Decides keep-alive: ``conn.must_close`` is set when the connection ends."""
+    reason = resp.reason if status == resp.status else b""
+    out = [b"HTTP/1.1 %d %s\r\n" % (status, reason or protocol.reason(status))]
+    hidden = rt.hidden
+    passed = rt.passed
+    content_length = None
+    listed: frozenset[bytes] = frozenset()
+    relayed_own: set[bytes] = set()  # Server/Date from upstream (proxy_pass_header)
+    for name, value in resp.headers:
+        lname = name.lower()
+        if lname in hidden:
+            if lname == b"content-length":
+                content_length = int(value)
+            elif lname == b"connection":  # every Connection line counts
+                listed = listed | protocol.connection_tokens([value])
+            continue
+        if passed and lname in passed:
+            relayed_own.add(lname)
+        out += (name, b": ", value, b"\r\n")
+    if relayed_own:
+        _add_own_headers(out, relayed_own, conn.worker.date.now())
+    else:
+        out.append(conn.worker.date.own_header_lines())
+    if listed:
+        out = [_strip_listed(b"".join(out), listed)]
+    if ex.method_b == b"HEAD" or status == 204 or status == 304:
+        mode = "none"
+        if content_length is not None:
+            out.append(b"Content-Length: %d\r\n" % content_length)
+    elif content_length is not None:
+        mode = "length"
+        out.append(b"Content-Length: %d\r\n" % content_length)
+    elif ex.version == "1.1":
+        mode = "chunked"  # chunked or close-delimited upstream: re-encoded
+        out.append(b"Transfer-Encoding: chunked\r\n")
+    else:
+        mode = "close"
+        conn.must_close = True
+    if conn.keep_alive_after(ex):
+        out.append(b"Connection: keep-alive\r\n\r\n")
+    else:
+        conn.must_close = True
+        out.append(b"Connection: close\r\n\r\n")
+    return b"".join(out), mode, content_length
 
 
 def _relay_body(conn: ClientConnection, ex: Exchange, rt: LocationRuntime,

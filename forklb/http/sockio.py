@@ -94,7 +94,7 @@ class Stream:
     remembers it, and the next wait returns at once.
     """
 
-    __slots__ = ("sock", "raw", "hub", "watcher", "waiter", "ready")
+    __slots__ = ("sock", "raw", "hub", "watcher", "waiter", "ready", "timer", "timer_after")
 
     def __init__(self, sock):
         self.sock = sock
@@ -103,6 +103,10 @@ class Stream:
         self.watcher = self.hub.loop.io(sock.fileno(), 1)
         self.waiter = None  # the greenlet in wait_readable
         self.ready = False  # became readable while nobody waited
+        # One timer re-armed for each wait (a connection's reads mostly share
+        # one timeout; another timeout makes another timer)
+        self.timer = None
+        self.timer_after = -1.0
         self.watcher.start(self._readable)
 
     def _readable(self) -> None:
@@ -123,15 +127,19 @@ class Stream:
         self.waiter = current = getcurrent()
         timer = None
         if timeout is not None:
-            timer = self.hub.loop.timer(timeout)
-            timer.start(current.throw, TimeoutError)
+            timer = self.timer
+            if timeout != self.timer_after:
+                if timer is not None:
+                    timer.close()
+                timer = self.timer = self.hub.loop.timer(timeout, timeout)
+                self.timer_after = timeout
+            timer.again(current.throw, TimeoutError, update=False)
         try:
             self.hub.switch()
         finally:
             self.waiter = None
             if timer is not None:
                 timer.stop()
-                timer.close()
 
     def recv(self, timeout: float | None, size: int = RECV_SIZE) -> bytes:
         """Wait for the socket, then read up to ``size`` bytes (b"" at end of
@@ -165,4 +173,6 @@ class Stream:
         """Close the socket; the watcher goes first, before its descriptor."""
         self.watcher.stop()
         self.watcher.close()
+        if self.timer is not None:
+            self.timer.close()
         self.sock.close()

@@ -44,17 +44,17 @@ def header_name_allowed(name: bytes) -> bool:
 
 # Raw header name -> its lower-case form, or b"" when nginx calls it invalid.  Names
 # repeat from request to request, so each is checked once (up to a bound).
-_LOWERED: dict[bytes, bytes] = {}
+LOWERED_NAMES: dict[bytes, bytes] = {}
 _LOWERED_MAX = 4096
 
 
 def lowered_name(name: bytes) -> bytes:
     """``name`` in lower case if :func:`header_name_allowed`, else b"" (cached)."""
-    lname = _LOWERED.get(name)
+    lname = LOWERED_NAMES.get(name)
     if lname is None:
         lname = name.lower() if header_name_allowed(name) else b""
-        if len(_LOWERED) < _LOWERED_MAX:
-            _LOWERED[name] = lname
+        if len(LOWERED_NAMES) < _LOWERED_MAX:
+            LOWERED_NAMES[name] = lname
     return lname
 
 

@@ -23,6 +23,10 @@ _STATUS_TABLE = seg.STATUS_TABLE
 _NMETHODS = len(seg.METHODS)
 _BUCKETS = seg.BUCKETS
 _HTTP_5XX = seg.PEER_FAIL + seg.FAILURE_REASONS.index("http_5xx")
+# offsets used per request, as module constants (no attribute lookups on seg)
+_OTHER_METHOD = seg.OTHER_METHOD
+_SRV_DUR, _SRV_IN, _SRV_OUT, _NB = seg.SRV_DUR, seg.SRV_IN, seg.SRV_OUT, seg.NB
+_PEER_RESP, _PEER_RETRY, _PEER_TIME = seg.PEER_RESP, seg.PEER_RETRY, seg.PEER_TIME
 _attached: tuple[seg.StatsSegment | None, int] = (None, -1)
 _current: Recorder | None = None  # this process's recorder, for connected()
 
@@ -94,16 +98,16 @@ class Recorder:
         base = self.server_base.get(id(ex.server))
         if base is None:  # rejected before routing: the listener's default server
             base = self.listener_base.get(id(ex.conn.listener), self.base + seg.SRV_BASE)
-        method = _METHOD_INDEX.get(ex.method_b, seg.OTHER_METHOD)
         status = ex.status
         code = _STATUS_TABLE[status] if 0 <= status < 600 else seg.status_index(status)
-        v[base + code * _NMETHODS + method] += 1
+        v[base + code * _NMETHODS + _METHOD_INDEX.get(ex.method_b, _OTHER_METHOD)] += 1
         duration = time.time() - ex.start_time
-        h = base + seg.SRV_DUR
+        h = base + _SRV_DUR
         v[h + bisect_left(_BUCKETS, duration)] += 1
-        v[h + seg.NB] += int(duration * 1e6) if duration > 0 else 0
-        v[base + seg.SRV_IN] += ex.header_bytes + (ex.content_length or 0)
-        v[base + seg.SRV_OUT] += ex.bytes_sent
+        if duration > 0:
+            v[h + _NB] += int(duration * 1e6)
+        v[base + _SRV_IN] += ex.header_bytes + (ex.content_length or 0)
+        v[base + _SRV_OUT] += ex.bytes_sent
 
     # -- per upstream attempt --
     def upstream_done(self, group: Any, index: int, status: int, started: float,
@@ -112,15 +116,16 @@ class Recorder:
         p = self.peer_base[group.name][index]
         v = self.v
         code = _STATUS_TABLE[status] if 0 <= status < 600 else seg.status_index(status)
-        v[p + seg.PEER_RESP + code] += 1
-        if 500 <= status < 600:
+        v[p + _PEER_RESP + code] += 1
+        if status >= 500 and status < 600:
             v[p + _HTTP_5XX] += 1
         if retry:
-            v[p + seg.PEER_RETRY] += 1
+            v[p + _PEER_RETRY] += 1
         elapsed = time.monotonic() - started
-        t = p + seg.PEER_TIME
+        t = p + _PEER_TIME
         v[t + bisect_left(_BUCKETS, elapsed)] += 1
-        v[t + seg.NB] += int(elapsed * 1e6) if elapsed > 0 else 0
+        if elapsed > 0:
+            v[t + _NB] += int(elapsed * 1e6)
 
     def upstream_failed(self, group: Any, index: int, error: Any, retry: bool) -> None:
         """An attempt failed before the response head (``error``: proxy.UpstreamError)."""

@@ -280,18 +280,25 @@ class Choice:
         return index
 
     def _round_robin(self) -> int | None:
+        # (no lambda or generator here: their cells would be made on every call)
         g = self.group
-        p = g.primaries
         mask = g._steady
-        if not self.tried and mask > 0 and (not g.limited or all(
-                g.below_max_conns(i) for i in g.limited if mask >> i & 1)):
+        if not self.tried and mask > 0 and (not g.limited or self._below_limits(mask)):
             sched = g.schedule(mask, g._weights)
             ticket = g.view.ticket
             n = ticket.value
             ticket.value = n + 1
             return sched[n % len(sched)]
-        # Not the steady state (a failure, a retry, a max_conns limit): smooth WRR.
-        return g.rr.choose(lambda i: i < p and self.usable(i))
+        return self._smooth()
+
+    def _below_limits(self, mask: int) -> bool:
+        g = self.group
+        return all(g.below_max_conns(i) for i in g.limited if mask >> i & 1)
+
+    def _smooth(self) -> int | None:
+        """Not the steady state (a failure, a retry, a max_conns limit): smooth WRR."""
+        p = self.group.primaries
+        return self.group.rr.choose(lambda i: i < p and self.usable(i))
 
     def _backup(self) -> int | None:
         g = self.group
