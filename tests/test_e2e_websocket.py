@@ -11,11 +11,10 @@ from __future__ import annotations
 import base64
 import hashlib
 import socket
-import threading
 import time
 
 import pytest
-from harness import free_port, http_request, raw_exchange, wait_for
+from harness import SocketBackend, free_port, http_request, raw_exchange, wait_for
 
 WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 KEY = b"dGhlIHNhbXBsZSBub25jZQ=="
@@ -36,34 +35,17 @@ BLOCK = """
 """
 
 
-class UpgradeBackend:
+class UpgradeBackend(SocketBackend):
     """Answers an upgrade with 101 and echoes; anything else with ``200 plain``."""
 
+    threaded = True
+
     def __init__(self) -> None:
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(64)
-        self.sock.settimeout(0.05)
-        self.port = self.sock.getsockname()[1]
         self.heads: list[bytes] = []
         self.closed = 0  # upgraded connections that ended (peer closed)
-        self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._accept, daemon=True)]
-        self._threads[0].start()
+        super().__init__()
 
-    def _accept(self) -> None:
-        while not self._stop.is_set():
-            try:
-                conn, _ = self.sock.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            t = threading.Thread(target=self._serve, args=(conn,), daemon=True)
-            self._threads.append(t)
-            t.start()
-
-    def _serve(self, conn: socket.socket) -> None:
+    def serve(self, conn: socket.socket, addr: tuple[str, int]) -> None:
         conn.settimeout(30)
         buf = b""
         try:
@@ -93,8 +75,6 @@ class UpgradeBackend:
                              b"plain\n")
         except OSError:
             return
-        finally:
-            conn.close()
 
     def _echo(self, conn: socket.socket, first: bytes) -> None:
         if first:
@@ -105,11 +85,6 @@ class UpgradeBackend:
                 self.closed += 1
                 return
             conn.sendall(data)
-
-    def stop(self) -> None:
-        self._stop.set()
-        self.sock.close()
-        self._threads[0].join(5)
 
 
 @pytest.fixture
