@@ -10,6 +10,7 @@ Everything here works with real processes and real sockets on 127.0.0.1:
 * raw-socket backends served by threads of the test process: :class:`SocketBackend`
   (the accept loop, subclassed by the tests) and :class:`HangupBackend`;
 * process-tree cleanup by pid: :func:`kill_tree`;
+* a config builder: :func:`proxy_conf`;
 * a generic polling helper: :func:`wait_for`.
 
 Every managed process is registered so that it is killed (whole tree, by pid) at
@@ -444,6 +445,44 @@ def raw_exchange(
                 break
             received += chunk
     return bytes(received)
+
+
+# --------------------------------------------------------------------------- configs
+
+
+def proxy_conf(
+    *,
+    port: int,
+    backend: int,
+    workers: int | str = 1,
+    main: str = "",
+    error_log: str | None = "logs/error.log notice",
+    access_log: str = "off",
+    location: str = "",
+) -> str:
+    """The smallest proxying forklb config: ``worker_processes workers``, ``upstream app``
+    with the one server 127.0.0.1:``backend``, and a server on 127.0.0.1:``port`` whose
+    ``location /`` proxies to it.
+
+    ``main`` adds main-context directives (``"daemon on;"``, a ``sidecar {...}`` block),
+    ``error_log`` and ``access_log`` are those directives' arguments (``error_log=None``
+    leaves the directive out), ``location`` adds directives to ``location /``.
+    """
+    error_line = "" if error_log is None else f"error_log {error_log};"
+    return f"""
+{main}
+worker_processes {workers};
+{error_line}
+events {{ }}
+http {{
+    access_log {access_log};
+    upstream app {{ server 127.0.0.1:{backend}; }}
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{ proxy_pass http://app; {location} }}
+    }}
+}}
+"""
 
 
 # --------------------------------------------------------------------------- processes
@@ -1199,6 +1238,7 @@ __all__ = [
     "kill_tree",
     "pid_alive",
     "port_is_open",
+    "proxy_conf",
     "raw_exchange",
     "wait_for",
     "wait_port",
