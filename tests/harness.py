@@ -10,7 +10,7 @@ Everything here works with real processes and real sockets on 127.0.0.1:
 * raw-socket backends served by threads of the test process: :class:`SocketBackend`
   (the accept loop, subclassed by the tests) and :class:`HangupBackend`;
 * process-tree cleanup by pid: :func:`kill_tree`;
-* a config builder: :func:`proxy_conf`;
+* config builders: :func:`proxy_conf`, :func:`proxy_block`;
 * a generic polling helper: :func:`wait_for`.
 
 Every managed process is registered so that it is killed (whole tree, by pid) at
@@ -482,6 +482,25 @@ http {{
         location / {{ proxy_pass http://app; {location} }}
     }}
 }}
+"""
+
+
+def proxy_block(*, port: int, servers: str, directives: str = "", upstream: str = "app") -> str:
+    """http-context text: ``upstream <upstream> { <servers> }`` and a server on
+    127.0.0.1:``port`` whose ``location /`` proxies to it with ``proxy_http_version 1.1``
+    and ``directives``.  The same block serves forklb and, as ``extra_servers``, an
+    :class:`NginxBackend`, so that both balancers are compared on one config.
+    """
+    return f"""
+    upstream {upstream} {{ {servers} }}
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{
+            proxy_pass http://{upstream};
+            proxy_http_version 1.1;
+            {directives}
+        }}
+    }}
 """
 
 
@@ -1238,6 +1257,7 @@ __all__ = [
     "kill_tree",
     "pid_alive",
     "port_is_open",
+    "proxy_block",
     "proxy_conf",
     "raw_exchange",
     "wait_for",

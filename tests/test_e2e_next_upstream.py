@@ -11,7 +11,7 @@ from __future__ import annotations
 import socket
 
 import pytest
-from harness import SocketBackend, free_port, http_request, wait_for
+from harness import SocketBackend, free_port, http_request, proxy_block, wait_for
 
 FORKLB = """
 worker_processes 1;
@@ -23,18 +23,6 @@ http {{
 }}
 """
 
-BLOCK = """
-    upstream app {{ {servers} }}
-    server {{
-        listen 127.0.0.1:{port};
-        location / {{
-            proxy_pass http://app;
-            proxy_http_version 1.1;
-            {directives}
-        }}
-    }}
-"""
-
 
 def _servers(*entries: str) -> str:
     return " ".join(f"server {e};" for e in entries)
@@ -42,7 +30,7 @@ def _servers(*entries: str) -> str:
 
 def _forklb(forklb_factory, servers: str, directives: str):
     port = free_port()
-    block = BLOCK.format(servers=servers, port=port, directives=directives)
+    block = proxy_block(port=port, servers=servers, directives=directives)
     lb = forklb_factory(FORKLB.format(block=block))
     lb.start(wait_ports=[port], workers=1)
     return lb, port
@@ -56,8 +44,8 @@ def _nginx(nginx_backend_factory, servers: str, directives: str, log=None) -> in
     if log is not None:
         fmt = "log_format up '$status \"$upstream_addr\" \"$upstream_status\"';"
         directives += f" access_log {log} up;"
-    nginx_backend_factory("unused", extra_servers=fmt + BLOCK.format(
-        servers=servers, port=port, directives=directives))
+    nginx_backend_factory("unused", extra_servers=fmt + proxy_block(
+        port=port, servers=servers, directives=directives))
     return port
 
 

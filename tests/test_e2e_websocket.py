@@ -14,25 +14,13 @@ import socket
 import time
 
 import pytest
-from harness import SocketBackend, free_port, http_request, raw_exchange, wait_for
+from harness import SocketBackend, free_port, http_request, proxy_block, raw_exchange, wait_for
 
 WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 KEY = b"dGhlIHNhbXBsZSBub25jZQ=="
 ACCEPT = base64.b64encode(hashlib.sha1(KEY + WS_GUID).digest())
 
 TUNNEL = 'proxy_set_header Upgrade $http_upgrade; proxy_set_header Connection "upgrade";'
-
-BLOCK = """
-    upstream ws {{ server 127.0.0.1:{backend}; }}
-    server {{
-        listen 127.0.0.1:{port};
-        location / {{
-            proxy_pass http://ws;
-            proxy_http_version 1.1;
-            {directives}
-        }}
-    }}
-"""
 
 
 class UpgradeBackend(SocketBackend):
@@ -94,10 +82,15 @@ def backend():
     b.stop()
 
 
-def _forklb(forklb_factory, backend, directives=TUNNEL, read_timeout=""):
+def _block(backend, port, directives, params=""):
+    """The balancer's upstream ``ws`` (``backend`` with server ``params``) and server."""
+    return proxy_block(port=port, servers=f"server 127.0.0.1:{backend.port}{params};",
+                       directives=directives, upstream="ws")
+
+
+def _forklb(forklb_factory, backend, directives=TUNNEL, read_timeout="", params=""):
     port = free_port()
-    block = BLOCK.format(backend=backend.port, port=port,
-                         directives=directives + read_timeout)
+    block = _block(backend, port, directives + read_timeout, params)
     lb = forklb_factory(f"worker_processes 1;\nevents {{ }}\nhttp {{ access_log off; {block} }}")
     lb.start(wait_ports=[port], workers=1)
     return port
@@ -105,8 +98,7 @@ def _forklb(forklb_factory, backend, directives=TUNNEL, read_timeout=""):
 
 def _nginx(nginx_backend_factory, backend, directives=TUNNEL):
     port = free_port()
-    nginx_backend_factory("unused", extra_servers=BLOCK.format(
-        backend=backend.port, port=port, directives=directives))
+    nginx_backend_factory("unused", extra_servers=_block(backend, port, directives))
     return port
 
 
@@ -237,11 +229,7 @@ def test_plain_requests_on_a_websocket_location(forklb_factory, backend):
 def test_h2c_upgrade_request_with_a_body_is_forwarded_whole(forklb_factory,
                                                             py_backend_factory):
     """llhttp skips the body of an upgrade request; forklb still forwards it."""
-    echo = py_backend_factory("echo")
-    port = free_port()
-    block = BLOCK.format(backend=echo.port, port=port, directives=TUNNEL)
-    lb = forklb_factory(f"worker_processes 1;\nevents {{ }}\nhttp {{ access_log off; {block} }}")
-    lb.start(wait_ports=[port], workers=1)
+    port = _forklb(forklb_factory, py_backend_factory("echo"))
     body = b"a=1&b=" + b"x" * 70_000
     request = (b"POST /form HTTP/1.1\r\nHost: example.com\r\nUpgrade: h2c\r\n"
                b"Connection: Upgrade, HTTP2-Settings\r\nHTTP2-Settings: AAMAAABk\r\n"
@@ -252,10 +240,7 @@ def test_h2c_upgrade_request_with_a_body_is_forwarded_whole(forklb_factory,
 
 
 def test_a_tunnel_counts_as_a_connection_for_max_conns(forklb_factory, backend):
-    port = free_port()
-    block = BLOCK.format(backend=f"{backend.port} max_conns=1", port=port, directives=TUNNEL)
-    lb = forklb_factory(f"worker_processes 1;\nevents {{ }}\nhttp {{ access_log off; {block} }}")
-    lb.start(wait_ports=[port], workers=1)
+    port = _forklb(forklb_factory, backend, params=" max_conns=1")
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
         sock.sendall(_upgrade_request())
         head, _ = _read_head(sock)
