@@ -7,7 +7,10 @@ Everything here works with real processes and real sockets on 127.0.0.1:
   :func:`raw_exchange`, :func:`build_request`;
 * managed processes: :class:`NginxBackend` (Debian nginx), :class:`PyBackend`
   (``tests/backend_server.py``) and :class:`ForkLB` (``python -m forklb``);
+* raw-socket backends served by threads of the test process: :class:`SocketBackend`
+  (the accept loop, subclassed by the tests) and :class:`HangupBackend`;
 * process-tree cleanup by pid: :func:`kill_tree`;
+* config builders: :func:`proxy_conf`, :func:`proxy_block`;
 * a generic polling helper: :func:`wait_for`.
 
 Every managed process is registered so that it is killed (whole tree, by pid) at
@@ -442,6 +445,63 @@ def raw_exchange(
                 break
             received += chunk
     return bytes(received)
+
+
+# --------------------------------------------------------------------------- configs
+
+
+def proxy_conf(
+    *,
+    port: int,
+    backend: int,
+    workers: int | str = 1,
+    main: str = "",
+    error_log: str | None = "logs/error.log notice",
+    access_log: str = "off",
+    location: str = "",
+) -> str:
+    """The smallest proxying forklb config: ``worker_processes workers``, ``upstream app``
+    with the one server 127.0.0.1:``backend``, and a server on 127.0.0.1:``port`` whose
+    ``location /`` proxies to it.
+
+    ``main`` adds main-context directives (``"daemon on;"``, a ``sidecar {...}`` block),
+    ``error_log`` and ``access_log`` are those directives' arguments (``error_log=None``
+    leaves the directive out), ``location`` adds directives to ``location /``.
+    """
+    error_line = "" if error_log is None else f"error_log {error_log};"
+    return f"""
+{main}
+worker_processes {workers};
+{error_line}
+events {{ }}
+http {{
+    access_log {access_log};
+    upstream app {{ server 127.0.0.1:{backend}; }}
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{ proxy_pass http://app; {location} }}
+    }}
+}}
+"""
+
+
+def proxy_block(*, port: int, servers: str, directives: str = "", upstream: str = "app") -> str:
+    """http-context text: ``upstream <upstream> { <servers> }`` and a server on
+    127.0.0.1:``port`` whose ``location /`` proxies to it with ``proxy_http_version 1.1``
+    and ``directives``.  The same block serves forklb and, as ``extra_servers``, an
+    :class:`NginxBackend`, so that both balancers are compared on one config.
+    """
+    return f"""
+    upstream {upstream} {{ {servers} }}
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{
+            proxy_pass http://{upstream};
+            proxy_http_version 1.1;
+            {directives}
+        }}
+    }}
+"""
 
 
 # --------------------------------------------------------------------------- processes
@@ -1078,50 +1138,97 @@ class ForkLB(_ManagedProcess):
         return found
 
 
-class HangupBackend:
-    """A backend that accepts, reads the request and hangs up without answering.
+# --------------------------------------------------------------------------- in-process backends
 
-    With ``reset`` (default) it closes with RST (SO_LINGER 0), otherwise with FIN.
-    ``accepts`` holds the ``time.monotonic()`` of every accepted connection and
-    ``requests`` counts those that sent bytes.  A thread serves it until ``stop()``.
+
+class SocketBackend:
+    """A raw-socket backend served by threads of this process until :meth:`stop`.
+
+    It listens on ``address:port`` (default: 127.0.0.1 and a port the kernel picks; the
+    port is in ``self.port``).  A daemon thread accepts, with a 0.05 s accept timeout so
+    that ``stop()`` is prompt, and hands each connection to :meth:`serve`: in the accept
+    thread, one connection at a time, or with ``threaded = True`` in a daemon thread of
+    its own.  A connection is closed once ``serve`` returns (``serve`` may close it
+    earlier itself).  The accept loop starts in ``__init__``, so subclasses set their own
+    attributes before calling ``super().__init__()``.
     """
 
-    def __init__(self, reset: bool = True) -> None:
+    threaded = False
+    backlog = 128
+
+    def __init__(self, address: str = LOCALHOST, port: int = 0) -> None:
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.bind((LOCALHOST, 0))
-        self.sock.listen(128)
+        if port:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((address, port))
+        self.sock.listen(self.backlog)
         self.sock.settimeout(0.05)
         self.port: int = self.sock.getsockname()[1]
-        self.reset = reset
-        self.accepts: list[float] = []
-        self.requests = 0
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread = threading.Thread(target=self._accept_loop, daemon=True)
         self._thread.start()
 
-    def _run(self) -> None:
+    @property
+    def stopping(self) -> bool:
+        """True once :meth:`stop` has been called."""
+        return self._stop.is_set()
+
+    def serve(self, conn: socket.socket, addr: tuple[str, int]) -> None:
+        """Serve one accepted connection from ``addr`` (the client's address)."""
+        raise NotImplementedError
+
+    def _accept_loop(self) -> None:
         while not self._stop.is_set():
             try:
-                conn, _ = self.sock.accept()
+                conn, addr = self.sock.accept()
             except TimeoutError:
                 continue
             except OSError:
                 return
-            self.accepts.append(time.monotonic())
-            conn.settimeout(1.0)
-            try:
-                if conn.recv(65536):
-                    self.requests += 1
-            except OSError:
-                pass
-            if self.reset:
-                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            if self.threaded:
+                threading.Thread(target=self._serve_and_close, args=(conn, addr),
+                                 daemon=True).start()
+            else:
+                self._serve_and_close(conn, addr)
+
+    def _serve_and_close(self, conn: socket.socket, addr: tuple[str, int]) -> None:
+        try:
+            self.serve(conn, addr)
+        finally:
             conn.close()
 
     def stop(self) -> None:
+        """Stop accepting (connections being served run on) and close the listener."""
         self._stop.set()
         self._thread.join(5)
         self.sock.close()
+
+
+class HangupBackend(SocketBackend):
+    """A backend that accepts, reads the request and hangs up without answering.
+
+    With ``reset`` (default) it closes with RST (SO_LINGER 0), otherwise with FIN.
+    ``accepts`` holds the ``time.monotonic()`` of every accepted connection and
+    ``requests`` counts those that sent bytes.  One connection at a time.
+    """
+
+    def __init__(self, reset: bool = True) -> None:
+        self.reset = reset
+        self.accepts: list[float] = []
+        self.requests = 0
+        super().__init__()
+
+    def serve(self, conn: socket.socket, addr: tuple[str, int]) -> None:
+        self.accepts.append(time.monotonic())
+        conn.settimeout(1.0)
+        try:
+            if conn.recv(65536):
+                self.requests += 1
+        except OSError:
+            pass
+        if self.reset:
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        conn.close()
 
 
 def pid_alive(pid: int) -> bool:
@@ -1143,12 +1250,15 @@ __all__ = [
     "NginxBackend",
     "PyBackend",
     "Response",
+    "SocketBackend",
     "build_request",
     "free_port",
     "http_request",
     "kill_tree",
     "pid_alive",
     "port_is_open",
+    "proxy_block",
+    "proxy_conf",
     "raw_exchange",
     "wait_for",
     "wait_port",

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 
 import psutil
 import pytest
-from harness import ForkLB, free_port
+from harness import ForkLB, SocketBackend, free_port
 
 GIB = 1 << 30
 BLOCK = random.Random(7).randbytes(1 << 20)
@@ -97,25 +97,13 @@ def _framing(head: bytes) -> int | None:
     return None  # chunked (the only other framing used here)
 
 
-class StreamBackend:
+class StreamBackend(SocketBackend):
     """POST: count and discard the body, answer {"received": N}.
     GET /N[c]: N bytes of BLOCKs, Content-Length framed (chunked with the ``c``)."""
 
-    def __init__(self) -> None:
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        self._stop = False
-        threading.Thread(target=self._accept, daemon=True).start()
+    threaded = True
 
-    def _accept(self) -> None:
-        while not self._stop:
-            try:
-                sock, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(sock,), daemon=True).start()
-
-    def _serve(self, sock: socket.socket) -> None:
+    def serve(self, sock: socket.socket, addr: tuple[str, int]) -> None:
         reader = _Reader(sock)
         try:
             while True:
@@ -136,8 +124,6 @@ class StreamBackend:
                     self._download(sock, target[1:])
         except (OSError, ValueError):
             pass
-        finally:
-            sock.close()
 
     def _download(self, sock: socket.socket, spec: bytes) -> None:
         chunked = spec.endswith(b"c")
@@ -152,10 +138,6 @@ class StreamBackend:
             sock.sendall(frame)
         if chunked:
             sock.sendall(b"0\r\n\r\n")
-
-    def stop(self) -> None:
-        self._stop = True
-        self.sock.close()
 
 
 class RssSampler:

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import shutil
 import socket
-import threading
 import time
 from pathlib import Path
 
 import pytest
-from harness import free_port, http_request, wait_for
+from harness import SocketBackend, free_port, http_request, wait_for
 
 NAME = "forklb-dns-test.example"
 HOSTS = Path("/etc/hosts")
@@ -32,45 +31,27 @@ def hosts_entry():
         backup.unlink()
 
 
-class NamedBackend:
+class NamedBackend(SocketBackend):
     """A tiny HTTP server on ADDRESS:PORT answering its own address."""
 
     def __init__(self, address: str, port: int):
-        self.sock = socket.socket()
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind((address, port))
-        self.sock.listen(64)
-        self.sock.settimeout(0.2)
         self.address = address
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
+        super().__init__(address, port)
 
-    def _run(self) -> None:
+    def serve(self, conn: socket.socket, addr: tuple[str, int]) -> None:
         body = self.address.encode()
-        while not self.stop.is_set():
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                continue
-            with conn:
-                conn.settimeout(2)
-                data = b""
-                try:
-                    while b"\r\n\r\n" not in data:
-                        chunk = conn.recv(4096)
-                        if not chunk:
-                            break
-                        data += chunk
-                    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close"
-                                 b"\r\n\r\n%s" % (len(body), body))
-                except OSError:
-                    pass
-
-    def close(self) -> None:
-        self.stop.set()
-        self.thread.join(2)
-        self.sock.close()
+        conn.settimeout(2)
+        data = b""
+        try:
+            while b"\r\n\r\n" not in data:
+                chunk = conn.recv(4096)
+                if not chunk:
+                    break
+                data += chunk
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close"
+                         b"\r\n\r\n%s" % (len(body), body))
+        except OSError:
+            pass
 
 
 def test_resolve_follows_the_name_without_reload(forklb_factory, hosts_entry):
@@ -101,4 +82,4 @@ def test_resolve_follows_the_name_without_reload(forklb_factory, hosts_entry):
         assert f'resolved to 127.0.0.3:{port}' in lb.error_log()
     finally:
         for backend in backends:
-            backend.close()
+            backend.stop()

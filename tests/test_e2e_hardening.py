@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 
 import psutil
 import pytest
-from harness import ForkLB, free_port, http_request, wait_for
+from harness import ForkLB, SocketBackend, free_port, http_request, wait_for
 
 
 class BackendConn:
@@ -30,39 +30,27 @@ class BackendConn:
 Handler = Callable[[socket.socket], bool]  # writes a reply; False: backend closes
 
 
-class ScriptedBackend:
+class ScriptedBackend(SocketBackend):
     """Accepts on loopback; per request, ``handlers[path](sock)`` writes the reply."""
+
+    threaded = True
 
     def __init__(self, handlers: dict[bytes, Handler]) -> None:
         self.handlers = handlers
         self.conns: list[BackendConn] = []
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        self._stop = threading.Event()
-        threading.Thread(target=self._accept, daemon=True).start()
+        super().__init__()
 
     @property
     def bytes_received(self) -> int:
         return sum(len(c.data) for c in self.conns)
 
-    def _accept(self) -> None:
-        self.sock.settimeout(0.1)
-        while not self._stop.is_set():
-            try:
-                sock, _ = self.sock.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            record = BackendConn()
-            self.conns.append(record)
-            threading.Thread(target=self._serve, args=(sock, record), daemon=True).start()
-
-    def _serve(self, sock: socket.socket, record: BackendConn) -> None:
+    def serve(self, sock: socket.socket, addr: tuple[str, int]) -> None:
+        record = BackendConn()
+        self.conns.append(record)
         pending = b""
         sock.settimeout(30)
         try:
-            while not self._stop.is_set():
+            while not self.stopping:
                 data = sock.recv(65536)
                 if not data:
                     record.peer_closed.set()
@@ -79,12 +67,6 @@ class ScriptedBackend:
             pass  # idle in forklb's pool for 30 s: not a close by forklb
         except OSError:
             record.peer_closed.set()  # reset by forklb, or our send failed
-        finally:
-            sock.close()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self.sock.close()
 
 
 def reply(data: bytes, keep: bool = True) -> Handler:

@@ -2,25 +2,13 @@
 
 from __future__ import annotations
 
-from harness import HttpClient, free_port, http_request, raw_exchange
-
-CONF = """
-worker_processes 1;
-events {{ }}
-http {{
-    access_log off;
-    upstream app {{ server 127.0.0.1:{backend}; }}
-    server {{
-        listen 127.0.0.1:{port};
-        location / {{ proxy_pass http://app; {directives} }}
-    }}
-}}
-"""
+from harness import HttpClient, free_port, http_request, proxy_conf, raw_exchange
 
 
 def _start(forklb_factory, backend, directives=""):
     port = free_port()
-    lb = forklb_factory(CONF.format(backend=backend.port, port=port, directives=directives))
+    lb = forklb_factory(proxy_conf(port=port, backend=backend.port, error_log=None,
+                                   location=directives))
     lb.start(wait_ports=[port], workers=1)
     return port
 

@@ -14,29 +14,16 @@ from harness import (
     http_request,
     pid_alive,
     port_is_open,
+    proxy_conf,
     wait_for,
     wait_port_closed,
 )
-
-CONF = """
-worker_processes {workers};
-error_log logs/error.log notice;
-events {{ }}
-http {{
-    access_log off;
-    upstream app {{ server 127.0.0.1:{backend}; }}
-    server {{
-        listen 127.0.0.1:{port};
-        location / {{ proxy_pass http://app; }}
-    }}
-}}
-"""
 
 
 def _lb(forklb_factory, py_backend_factory, workers=2):
     backend = py_backend_factory("name", name="b1")
     port = free_port()
-    lb = forklb_factory(CONF.format(workers=workers, backend=backend.port, port=port))
+    lb = forklb_factory(proxy_conf(port=port, backend=backend.port, workers=workers))
     lb.start(wait_ports=[port], workers=workers)
     return lb, port
 
@@ -47,7 +34,7 @@ def test_busy_port_is_a_clear_startup_error(forklb_factory):
     holder.listen(1)
     port = holder.getsockname()[1]
     try:
-        lb = forklb_factory(CONF.format(workers=1, backend=9, port=port))
+        lb = forklb_factory(proxy_conf(port=port, backend=9))
         r = lb.cli()
         assert r.returncode == 1
         assert (f"forklb: [emerg] bind() to 127.0.0.1:{port} failed (98: Address already in use)"
@@ -117,8 +104,7 @@ def test_process_titles_name_each_role(forklb_factory, py_backend_factory):
 def test_worker_processes_auto_uses_usable_cpus(forklb_factory, py_backend_factory):
     backend = py_backend_factory("name", name="b1")
     port = free_port()
-    conf = CONF.format(workers="auto", backend=backend.port, port=port)
-    lb = forklb_factory(conf)
+    lb = forklb_factory(proxy_conf(port=port, backend=backend.port, workers="auto"))
     expected = len(psutil.Process().cpu_affinity())
     lb.start(wait_ports=[port], workers=expected)
     assert len(lb.worker_pids()) == expected
@@ -135,10 +121,8 @@ def test_master_never_imports_gevent(forklb_factory, py_backend_factory):
 def test_worker_dying_at_boot_is_fatal_with_clear_error(forklb_factory, py_backend_factory):
     backend = py_backend_factory("name", name="b1")
     port = free_port()
-    conf = CONF.format(workers=1, backend=backend.port, port=port).replace(
-        "http {", "http {\n    access_log /proc/forbidden/access.log;", 1
-    ).replace("access_log off;", "")
-    lb = forklb_factory(conf)
+    lb = forklb_factory(proxy_conf(port=port, backend=backend.port,
+                                   access_log="/proc/forbidden/access.log"))
     r = lb.cli()
     assert r.returncode == 1
     assert "worker process exited on start-up" in r.stderr
@@ -147,9 +131,8 @@ def test_worker_dying_at_boot_is_fatal_with_clear_error(forklb_factory, py_backe
 def test_reopen_starts_new_log_files(forklb_factory, py_backend_factory):
     backend = py_backend_factory("name", name="b1")
     port = free_port()
-    conf = CONF.format(workers=1, backend=backend.port, port=port).replace(
-        "access_log off;", "access_log logs/access.log;")
-    lb = forklb_factory(conf)
+    lb = forklb_factory(proxy_conf(port=port, backend=backend.port,
+                                   access_log="logs/access.log"))
     lb.start(wait_ports=[port], workers=1)
     access = lb.path("logs/access.log")
     http_request(port, "/first")
@@ -165,8 +148,7 @@ def test_reopen_starts_new_log_files(forklb_factory, py_backend_factory):
 def test_daemon_on_detaches_and_stops(forklb_factory, py_backend_factory):
     backend = py_backend_factory("name", name="b1")
     port = free_port()
-    lb = forklb_factory("daemon on;\n" + CONF.format(workers=1, backend=backend.port,
-                                                      port=port))
+    lb = forklb_factory(proxy_conf(port=port, backend=backend.port, main="daemon on;"))
     r = lb.cli(timeout=10)  # returns once the master has detached
     assert r.returncode == 0, r.stderr
     pid = wait_for(lb.read_pid_file, timeout=5, message="no pid file")
@@ -194,8 +176,8 @@ def test_reload_moves_listener_and_closes_the_old_address(forklb_factory, py_bac
 def test_worker_shutdown_timeout_bounds_a_reload(forklb_factory, py_backend_factory):
     backend = py_backend_factory("name", name="b1")
     port = free_port()
-    conf = CONF.format(workers=1, backend=backend.port, port=port)
-    lb = forklb_factory("worker_shutdown_timeout 1s;\n" + conf)
+    lb = forklb_factory(proxy_conf(port=port, backend=backend.port,
+                                   main="worker_shutdown_timeout 1s;"))
     lb.start(wait_ports=[port], workers=1)
     (old,) = lb.worker_pids()
     client = HttpClient(port, timeout=15)

@@ -9,10 +9,9 @@ and B only as the next upstream, so each outcome is deterministic. The access lo
 from __future__ import annotations
 
 import socket
-import threading
 
 import pytest
-from harness import free_port, http_request, wait_for
+from harness import SocketBackend, free_port, http_request, proxy_block, wait_for
 
 FORKLB = """
 worker_processes 1;
@@ -24,18 +23,6 @@ http {{
 }}
 """
 
-BLOCK = """
-    upstream app {{ {servers} }}
-    server {{
-        listen 127.0.0.1:{port};
-        location / {{
-            proxy_pass http://app;
-            proxy_http_version 1.1;
-            {directives}
-        }}
-    }}
-"""
-
 
 def _servers(*entries: str) -> str:
     return " ".join(f"server {e};" for e in entries)
@@ -43,7 +30,7 @@ def _servers(*entries: str) -> str:
 
 def _forklb(forklb_factory, servers: str, directives: str):
     port = free_port()
-    block = BLOCK.format(servers=servers, port=port, directives=directives)
+    block = proxy_block(port=port, servers=servers, directives=directives)
     lb = forklb_factory(FORKLB.format(block=block))
     lb.start(wait_ports=[port], workers=1)
     return lb, port
@@ -57,8 +44,8 @@ def _nginx(nginx_backend_factory, servers: str, directives: str, log=None) -> in
     if log is not None:
         fmt = "log_format up '$status \"$upstream_addr\" \"$upstream_status\"';"
         directives += f" access_log {log} up;"
-    nginx_backend_factory("unused", extra_servers=fmt + BLOCK.format(
-        servers=servers, port=port, directives=directives))
+    nginx_backend_factory("unused", extra_servers=fmt + proxy_block(
+        port=port, servers=servers, directives=directives))
     return port
 
 
@@ -229,39 +216,16 @@ def test_post_body_that_came_with_the_head_is_sent_again(forklb_factory, nginx_b
         assert (r.json()["backend"], r.json()["body"]) == ("echo", "payload=1")
 
 
-class GarbageBackend:
+class GarbageBackend(SocketBackend):
     """Reads a request and answers a response head with a malformed header line."""
 
-    def __init__(self) -> None:
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(16)
-        self.sock.settimeout(0.05)
-        self.port = self.sock.getsockname()[1]
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                conn, _ = self.sock.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            with conn:
-                conn.settimeout(5)
-                try:
-                    conn.recv(65536)
-                    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nBad\x01Header\r\n\r\nok")
-                except OSError:
-                    pass
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(5)
-        self.sock.close()
+    def serve(self, conn: socket.socket, addr: tuple[str, int]) -> None:
+        conn.settimeout(5)
+        try:
+            conn.recv(65536)
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nBad\x01Header\r\n\r\nok")
+        except OSError:
+            pass
 
 
 @pytest.fixture

@@ -7,29 +7,14 @@ import os
 import signal
 import time
 
-from harness import free_port, http_request, pid_alive, wait_for
-
-CONF = """
-worker_processes 2;
-error_log logs/error.log notice;
-events {{ }}
-{sidecar}
-http {{
-    access_log off;
-    upstream app {{ server 127.0.0.1:{backend}; }}
-    server {{
-        listen 127.0.0.1:{port};
-        location / {{ proxy_pass http://app; }}
-    }}
-}}
-"""
+from harness import free_port, http_request, pid_alive, proxy_conf, wait_for
 
 
 def _lb(forklb_factory, py_backend_factory, with_sidecar=True):
     backend = py_backend_factory("name", name="b1")
     port, side = free_port(), free_port()
     block = f"sidecar {{ listen 127.0.0.1:{side}; }}" if with_sidecar else ""
-    lb = forklb_factory(CONF.format(sidecar=block, backend=backend.port, port=port))
+    lb = forklb_factory(proxy_conf(port=port, backend=backend.port, workers=2, main=block))
     lb.start(wait_ports=[port] + ([side] if with_sidecar else []), workers=2)
     return lb, port, side
 

@@ -19,7 +19,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from harness import ForkLB, free_port, wait_for
+from harness import ForkLB, SocketBackend, free_port, wait_for
 from test_tls import make_cert
 
 MIB = 1 << 20
@@ -77,28 +77,20 @@ class Conn:
         self.closed = threading.Event()
 
 
-class SpliceBackend:
+class SpliceBackend(SocketBackend):
     """GET /dl/N: N bytes of DATA; /die/N: half of them, then close; /stall/N: half,
     then 10 s of silence. POST: the body's length and SHA-256 as JSON. Responses
     carry X-Conn (the upstream connection's port) and keep the connection open."""
 
+    threaded = True
+
     def __init__(self) -> None:
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
         self.conns: list[Conn] = []
-        threading.Thread(target=self._accept, daemon=True).start()
+        super().__init__()
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                sock, addr = self.sock.accept()
-            except OSError:
-                return
-            conn = Conn(addr[1])
-            self.conns.append(conn)
-            threading.Thread(target=self._serve, args=(sock, conn), daemon=True).start()
-
-    def _serve(self, sock: socket.socket, conn: Conn) -> None:
+    def serve(self, sock: socket.socket, addr: tuple[str, int]) -> None:
+        conn = Conn(addr[1])
+        self.conns.append(conn)
         reader = Reader(sock)
         try:
             while True:
@@ -140,9 +132,6 @@ class SpliceBackend:
 
     def conn_of(self, port: int) -> Conn:
         return next(c for c in self.conns if c.port == port)
-
-    def stop(self) -> None:
-        self.sock.close()
 
 
 CONF = """

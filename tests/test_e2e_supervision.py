@@ -8,29 +8,14 @@ import subprocess
 import time
 
 import psutil
-from harness import free_port, http_request, pid_alive, wait_for
-
-CONF = """
-{main}
-worker_processes {workers};
-error_log logs/error.log notice;
-events {{ }}
-http {{
-    access_log off;
-    upstream app {{ server 127.0.0.1:{backend}; }}
-    server {{
-        listen 127.0.0.1:{port};
-        location / {{ proxy_pass http://app; }}
-    }}
-}}
-"""
+from harness import free_port, http_request, pid_alive, proxy_conf, wait_for
 
 
 def _lb(forklb_factory, py_backend_factory, main="", workers=2):
     backend = py_backend_factory("name", name="b1")
     port = free_port()
-    lb = forklb_factory(CONF.format(main=main, workers=workers, backend=backend.port,
-                                    port=port))
+    lb = forklb_factory(proxy_conf(port=port, backend=backend.port, workers=workers,
+                                   main=main))
     lb.start(wait_ports=[port], workers=workers)
     return lb, port
 
@@ -112,7 +97,7 @@ def test_signal_to_a_foreign_pid_is_refused(forklb_factory):
 def test_stale_pid_file_is_replaced(forklb_factory, py_backend_factory):
     backend = py_backend_factory("name", name="b1")
     port = free_port()
-    lb = forklb_factory(CONF.format(main="", workers=1, backend=backend.port, port=port))
+    lb = forklb_factory(proxy_conf(port=port, backend=backend.port))
     dead = subprocess.Popen(["true"])
     dead.wait()
     lb.pid_path.parent.mkdir(parents=True, exist_ok=True)
@@ -124,8 +109,8 @@ def test_stale_pid_file_is_replaced(forklb_factory, py_backend_factory):
 def test_unwritable_pid_path_is_a_clear_error(forklb_factory, py_backend_factory):
     backend = py_backend_factory("name", name="b1")
     port = free_port()
-    lb = forklb_factory(CONF.format(main="pid /proc/forklb/forklb.pid;", workers=1,
-                                    backend=backend.port, port=port))
+    lb = forklb_factory(proxy_conf(port=port, backend=backend.port,
+                                   main="pid /proc/forklb/forklb.pid;"))
     r = lb.cli(timeout=20)
     assert r.returncode == 1
     assert 'forklb: [emerg] open() "/proc/forklb/forklb.pid" failed' in r.stderr
@@ -134,9 +119,8 @@ def test_unwritable_pid_path_is_a_clear_error(forklb_factory, py_backend_factory
 def test_unwritable_error_log_is_a_clear_error(forklb_factory, py_backend_factory):
     backend = py_backend_factory("name", name="b1")
     port = free_port()
-    lb = forklb_factory(CONF.format(main="", workers=1, backend=backend.port, port=port)
-                        .replace("error_log logs/error.log notice;",
-                                 "error_log /proc/forklb/error.log;"))
+    lb = forklb_factory(proxy_conf(port=port, backend=backend.port,
+                                   error_log="/proc/forklb/error.log"))
     r = lb.cli(timeout=20)
     assert r.returncode == 1
     assert r.stderr.strip() == ('forklb: [emerg] open() "/proc/forklb/error.log" failed '

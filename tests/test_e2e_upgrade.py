@@ -9,28 +9,14 @@ import subprocess
 import sys
 import time
 
-from harness import free_port, http_request, pid_alive, wait_for
+from harness import free_port, http_request, pid_alive, proxy_conf, wait_for
 from load import LoadClient
 
-CONF = """
-worker_processes 2;
-error_log logs/error.log notice;
-events {{ }}
-http {{
-    access_log off;
-    upstream app {{ server 127.0.0.1:{backend}; }}
-    server {{
-        listen 127.0.0.1:{port};
-        location / {{ proxy_pass http://app; }}
-    }}
-}}
-"""
 
-
-def _lb(forklb_factory, py_backend_factory, text=CONF):
+def _lb(forklb_factory, py_backend_factory):
     backend = py_backend_factory("name", name="b1")
     port = free_port()
-    lb = forklb_factory(text.format(backend=backend.port, port=port))
+    lb = forklb_factory(proxy_conf(port=port, backend=backend.port, workers=2))
     lb.start(wait_ports=[port], workers=2)
     return lb, port
 
@@ -118,7 +104,7 @@ def test_systemd_notify_ready(forklb_factory, py_backend_factory, tmp_path):
     try:
         backend = py_backend_factory("name", name="b1")
         port = free_port()
-        lb = forklb_factory(CONF.format(backend=backend.port, port=port),
+        lb = forklb_factory(proxy_conf(port=port, backend=backend.port, workers=2),
                             env={"NOTIFY_SOCKET": path})
         lb.start(wait_ports=[port])
         message = notify.recv(4096).decode()
@@ -137,7 +123,7 @@ def test_systemd_socket_activation(forklb_factory, py_backend_factory):
     listener.bind(("127.0.0.1", 0))
     listener.listen(128)
     port = listener.getsockname()[1]
-    lb = forklb_factory(CONF.format(backend=backend.port, port=port))
+    lb = forklb_factory(proxy_conf(port=port, backend=backend.port, workers=2))
     # Like systemd: the socket is fd 3, LISTEN_PID is the service's own pid.
     code = ("import os, sys; os.dup2(int(sys.argv[1]), 3); "
             "os.environ['LISTEN_PID'] = str(os.getpid()); os.environ['LISTEN_FDS'] = '1'; "
@@ -168,7 +154,7 @@ def test_usr2_then_quit_under_wrk_keepalive_and_close(nginx_backend_factory, for
 
     backend = nginx_backend_factory("web01")
     port = free_port()
-    lb = forklb_factory(CONF.format(backend=backend.port, port=port))
+    lb = forklb_factory(proxy_conf(port=port, backend=backend.port, workers=2))
     lb.start(wait_ports=[port], workers=2)
     old = lb.master_pid
     runs = [start_wrk(port, seconds=8, connections=10, close=close) for close in (False, True)]

@@ -11,11 +11,10 @@ from __future__ import annotations
 import base64
 import hashlib
 import socket
-import threading
 import time
 
 import pytest
-from harness import free_port, http_request, raw_exchange, wait_for
+from harness import SocketBackend, free_port, http_request, proxy_block, raw_exchange, wait_for
 
 WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 KEY = b"dGhlIHNhbXBsZSBub25jZQ=="
@@ -23,47 +22,18 @@ ACCEPT = base64.b64encode(hashlib.sha1(KEY + WS_GUID).digest())
 
 TUNNEL = 'proxy_set_header Upgrade $http_upgrade; proxy_set_header Connection "upgrade";'
 
-BLOCK = """
-    upstream ws {{ server 127.0.0.1:{backend}; }}
-    server {{
-        listen 127.0.0.1:{port};
-        location / {{
-            proxy_pass http://ws;
-            proxy_http_version 1.1;
-            {directives}
-        }}
-    }}
-"""
 
-
-class UpgradeBackend:
+class UpgradeBackend(SocketBackend):
     """Answers an upgrade with 101 and echoes; anything else with ``200 plain``."""
 
+    threaded = True
+
     def __init__(self) -> None:
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(64)
-        self.sock.settimeout(0.05)
-        self.port = self.sock.getsockname()[1]
         self.heads: list[bytes] = []
         self.closed = 0  # upgraded connections that ended (peer closed)
-        self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._accept, daemon=True)]
-        self._threads[0].start()
+        super().__init__()
 
-    def _accept(self) -> None:
-        while not self._stop.is_set():
-            try:
-                conn, _ = self.sock.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            t = threading.Thread(target=self._serve, args=(conn,), daemon=True)
-            self._threads.append(t)
-            t.start()
-
-    def _serve(self, conn: socket.socket) -> None:
+    def serve(self, conn: socket.socket, addr: tuple[str, int]) -> None:
         conn.settimeout(30)
         buf = b""
         try:
@@ -93,8 +63,6 @@ class UpgradeBackend:
                              b"plain\n")
         except OSError:
             return
-        finally:
-            conn.close()
 
     def _echo(self, conn: socket.socket, first: bytes) -> None:
         if first:
@@ -106,11 +74,6 @@ class UpgradeBackend:
                 return
             conn.sendall(data)
 
-    def stop(self) -> None:
-        self._stop.set()
-        self.sock.close()
-        self._threads[0].join(5)
-
 
 @pytest.fixture
 def backend():
@@ -119,10 +82,15 @@ def backend():
     b.stop()
 
 
-def _forklb(forklb_factory, backend, directives=TUNNEL, read_timeout=""):
+def _block(backend, port, directives, params=""):
+    """The balancer's upstream ``ws`` (``backend`` with server ``params``) and server."""
+    return proxy_block(port=port, servers=f"server 127.0.0.1:{backend.port}{params};",
+                       directives=directives, upstream="ws")
+
+
+def _forklb(forklb_factory, backend, directives=TUNNEL, read_timeout="", params=""):
     port = free_port()
-    block = BLOCK.format(backend=backend.port, port=port,
-                         directives=directives + read_timeout)
+    block = _block(backend, port, directives + read_timeout, params)
     lb = forklb_factory(f"worker_processes 1;\nevents {{ }}\nhttp {{ access_log off; {block} }}")
     lb.start(wait_ports=[port], workers=1)
     return port
@@ -130,8 +98,7 @@ def _forklb(forklb_factory, backend, directives=TUNNEL, read_timeout=""):
 
 def _nginx(nginx_backend_factory, backend, directives=TUNNEL):
     port = free_port()
-    nginx_backend_factory("unused", extra_servers=BLOCK.format(
-        backend=backend.port, port=port, directives=directives))
+    nginx_backend_factory("unused", extra_servers=_block(backend, port, directives))
     return port
 
 
@@ -262,11 +229,7 @@ def test_plain_requests_on_a_websocket_location(forklb_factory, backend):
 def test_h2c_upgrade_request_with_a_body_is_forwarded_whole(forklb_factory,
                                                             py_backend_factory):
     """llhttp skips the body of an upgrade request; forklb still forwards it."""
-    echo = py_backend_factory("echo")
-    port = free_port()
-    block = BLOCK.format(backend=echo.port, port=port, directives=TUNNEL)
-    lb = forklb_factory(f"worker_processes 1;\nevents {{ }}\nhttp {{ access_log off; {block} }}")
-    lb.start(wait_ports=[port], workers=1)
+    port = _forklb(forklb_factory, py_backend_factory("echo"))
     body = b"a=1&b=" + b"x" * 70_000
     request = (b"POST /form HTTP/1.1\r\nHost: example.com\r\nUpgrade: h2c\r\n"
                b"Connection: Upgrade, HTTP2-Settings\r\nHTTP2-Settings: AAMAAABk\r\n"
@@ -277,10 +240,7 @@ def test_h2c_upgrade_request_with_a_body_is_forwarded_whole(forklb_factory,
 
 
 def test_a_tunnel_counts_as_a_connection_for_max_conns(forklb_factory, backend):
-    port = free_port()
-    block = BLOCK.format(backend=f"{backend.port} max_conns=1", port=port, directives=TUNNEL)
-    lb = forklb_factory(f"worker_processes 1;\nevents {{ }}\nhttp {{ access_log off; {block} }}")
-    lb.start(wait_ports=[port], workers=1)
+    port = _forklb(forklb_factory, backend, params=" max_conns=1")
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
         sock.sendall(_upgrade_request())
         head, _ = _read_head(sock)
