@@ -426,7 +426,7 @@ class ClientConnection:
     def _read(self, timeout: float) -> bytes:
         """What the client sends within ``timeout`` (0: what is there already);
         raises TimeoutError (BlockingIOError for 0) or OSError."""
-        return self.stream.recv(timeout)
+        return self.stream.recv(timeout, eager=not self.requests)
 
     def _write(self, data: bytes) -> None:
         """Write all of ``data``, each wait bounded by ``send_timeout``."""

@@ -141,13 +141,20 @@ class Stream:
             if timer is not None:
                 timer.stop()
 
-    def recv(self, timeout: float | None, size: int = RECV_SIZE) -> bytes:
+    def recv(self, timeout: float | None, size: int = RECV_SIZE, eager: bool = False) -> bytes:
         """Wait for the socket, then read up to ``size`` bytes (b"" at end of
-        stream; TimeoutError, or OSError for a reset).  A timeout of 0 takes
-        only what is there already (BlockingIOError if nothing is)."""
+        stream; TimeoutError, or OSError for a reset).  ``eager`` reads first
+        (a new connection's request is usually there by the time it is served).
+        A timeout of 0 takes only what is there already (BlockingIOError if
+        nothing is)."""
         raw = self.raw
         if timeout == 0:
             return raw.recv(size)
+        if eager:
+            try:
+                return raw.recv(size)
+            except BlockingIOError:
+                pass
         while True:
             self.wait_readable(timeout)
             try:
