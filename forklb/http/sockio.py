@@ -76,6 +76,24 @@ def send_all(sock, data: bytes, timeout: float | None) -> None:
             pass
 
 
+class _ClosedWatcher:
+    """Stands in for a closed Stream's watcher: stopping and starting do nothing."""
+
+    active = False
+
+    def start(self, *args) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+_CLOSED = _ClosedWatcher()
+
+
 class Stream:
     """A plain socket whose read watcher stays started between reads.
 
@@ -180,6 +198,8 @@ class Stream:
         """Close the socket; the watcher goes first, before its descriptor."""
         self.watcher.stop()
         self.watcher.close()
+        self.watcher = _CLOSED  # it held this Stream (its callback): no cycle left
         if self.timer is not None:
             self.timer.close()
+            self.timer = None
         self.sock.close()
