@@ -284,6 +284,45 @@ http {{
 
 
 
+def test_refused_requests_are_access_logged(forklb_factory):
+    """Requests refused while their head is read (a limit, a parse error) get an
+    access log line with their status, as nginx writes one."""
+    port = free_port()
+    lb = forklb_factory(f"""
+worker_processes 1;
+events {{ }}
+http {{
+    large_client_header_buffers 2 1k;
+    access_log logs/access.log;
+    server {{ listen 127.0.0.1:{port}; location / {{ return 200 "ok\\n"; }} }}
+}}
+""")
+    lb.start(wait_ports=[port], workers=1)
+    too_long = raw_exchange(port, _request_line(1025) + END)
+    assert _status(too_long) == b"HTTP/1.1 414 Request-URI Too Large"
+    garbage = raw_exchange(port, b"GE\x01T / HTTP/1.1\r\n" + END)
+    assert _status(garbage) == b"HTTP/1.1 400 Bad Request"
+    assert _status(raw_exchange(port, b"GET /ok HTTP/1.1\r\n" + END)) == b"HTTP/1.1 200 OK"
+    log = lb.path("logs/access.log")
+    wait_for(lambda: log.exists() and log.read_text().count("\n") >= 3, 5)
+    lines = log.read_text().splitlines()
+    assert '"GET /aaa' in lines[0] and '" 414 ' in lines[0]
+    assert '" 400 ' in lines[1]
+    assert '"GET /ok HTTP/1.1" 200 ' in lines[2]
+
+
+def test_first_request_waits_client_header_timeout(forklb_factory):
+    """A new connection that sends nothing is closed after client_header_timeout, not
+    keepalive_timeout (nginx's ngx_http_wait_request_handler)."""
+    lb, port = _start(forklb_factory, header_timeout="1s", http="keepalive_timeout 60s;")
+    s = socket.create_connection(("127.0.0.1", port))
+    s.settimeout(10)
+    started = time.monotonic()
+    assert s.recv(65536) == b""
+    assert 0.9 < time.monotonic() - started < 4
+    s.close()
+
+
 def test_header_timeout_closes_and_logs_as_nginx(forklb_factory):
     """A header not complete within client_header_timeout: closed without an answer
     (as nginx), logged at info with nginx's words."""

@@ -729,17 +729,36 @@ class ClientConnection:
             pass
         except BadRequest as e:
             self.worker.log.info(f"{e.message}, client: {self.remote_addr}")
+            data = protocol.simple_response(e.status, self.worker.date.now())
             try:
-                self._write(protocol.simple_response(e.status, self.worker.date.now()))
+                self._write(data)
             except (OSError, ValueError, AttributeError):  # (a TLS socket shut down)
                 pass
             self.linger = True
+            if e.exchange is not None:  # refused while parsing: logged and counted as nginx
+                e.exchange.status = e.status
+                e.exchange.bytes_sent = e.exchange.body_bytes_sent = len(data)
+                self.worker.access_log(e.exchange)
         finally:
             if not self.parked:
                 if self.linger:
                     self._lingering_close()
                 self._close()
         return self.parked
+
+    def _refused_exchange(self) -> Exchange:
+        """The request a parse error or a header limit refused: the one being
+        parsed, or an empty one when nothing of it was."""
+        ex = self.parsing
+        if ex is None or ex is self.current:  # (current: answered and logged already)
+            ex = Exchange(self, 0.0)
+        if not ex.method_b and self.parser is not None:
+            try:
+                ex.method_b = self.parser.get_method()  # known once the method was read
+            except httptools.HttpParserError:
+                pass
+        ex.keep_alive = False
+        return ex
 
     def _close(self) -> None:
         # Break the cycles through this connection (the parser holds it for its
@@ -771,7 +790,14 @@ class ClientConnection:
 
     def _serve(self) -> None:
         while True:
-            ex = self.next_exchange(self.keepalive_timeout)
+            # A new connection waits for its first request client_header_timeout
+            # (the default server's, as in nginx), later ones keepalive_timeout.
+            wait = self.keepalive_timeout if self.requests else self.listener.client_header_timeout
+            try:
+                ex = self.next_exchange(wait)
+            except BadRequest as e:
+                e.exchange = self._refused_exchange()
+                raise
             if ex is None:
                 return
             self.requests += 1
@@ -915,3 +941,4 @@ class BadRequest(Exception):
         super().__init__(message)
         self.status = status
         self.message = message
+        self.exchange: Exchange | None = None  # a request refused before it was handled
