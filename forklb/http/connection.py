@@ -45,6 +45,8 @@ _LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST
 # keep-alive client sends its next request well within this.
 PARK_AFTER = 0.5
 ROUTES_KEPT = 1024  # distinct Host values whose routing a listener remembers
+TCP_NOTSENT_LOWAT = getattr(socket, "TCP_NOTSENT_LOWAT", 25)  # Linux 3.12
+UNSENT_MAX = 512 * 1024  # see ClientConnection.limit_unsent
 
 
 class ClientGone(Exception):
@@ -239,6 +241,7 @@ class ClientConnection:
         self.keepalive_timeout = listener.keepalive_timeout  # the last location's, later
         self.parked = False  # idle without a greenlet: see park()
         self.watchers: tuple | None = None  # (read watcher, keepalive timer) while parked
+        self.unsent_limited = False  # see limit_unsent
         ClientConnection.serial_counter += 1
         self.serial = ClientConnection.serial_counter
 
@@ -615,6 +618,23 @@ class ClientConnection:
             raise self.send_timed_out() from None
         except OSError as e:
             raise ClientGone(str(e)) from None
+
+    def limit_unsent(self) -> None:
+        """Before a large body: let the kernel queue at most UNSENT_MAX bytes the
+        client has not taken yet (TCP_NOTSENT_LOWAT), once per connection.
+
+        Without it a write fills the socket's whole autotuned buffer (up to
+        tcp_wmem's 4 MiB): copying megabytes a slow reader will never take, per
+        connection, holding kernel memory, and keeping the worker's loop (and its
+        timers: send_timeout) busy while it copies.
+        """
+        if self.unsent_limited:
+            return
+        self.unsent_limited = True
+        try:
+            self.sock.setsockopt(socket.IPPROTO_TCP, TCP_NOTSENT_LOWAT, UNSENT_MAX)
+        except OSError:
+            pass
 
     def send_timed_out(self) -> ClientGone:
         """Log an expired ``send_timeout`` and arm a reset for the close; the caller

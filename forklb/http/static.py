@@ -386,6 +386,7 @@ def _sendfile(conn: ClientConnection, fd: int, offset: int, count: int) -> int:
     """``os.sendfile`` on the non-blocking client socket, yielding to gevent while it is full."""
     sock = conn.sock
     out = sock.fileno()
+    conn.limit_unsent()
     sent = 0
     while sent < count:
         try:
