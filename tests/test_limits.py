@@ -65,6 +65,27 @@ def test_none_escaping_keeps_everything():
     assert escape_value('"\\\x00\xe9', "none") == '"\\\x00\xe9'
 
 
+def test_escape_check_agrees_with_the_escape_set():
+    """The fast "nothing to escape" check of escape=default finds exactly what the
+    escape set's regex finds, for every character up to U+01FF and in mixtures."""
+    from forklb.log import _NEEDS_ESCAPE, _needs_default_escape
+
+    regex = _NEEDS_ESCAPE["default"].search
+    samples = [chr(c) for c in range(0x200)] + ["", "plain text", 'a"b', "a\\b", "x\x7fy",
+                                                 "caf\xe9 ok", "tab\there", "~!#[]"]
+    for text in samples:
+        assert (_needs_default_escape(text) is None) == (regex(text) is None), repr(text)
+
+
+def test_renderer_braces_and_empty_values():
+    """Literal braces survive the format pattern; empty values show as "-" (default)
+    or nothing (json)."""
+    template = compile_template('{"$request_uri"} {$http_referer}')
+    r = _request(target="/x", headers={})
+    assert line_renderer(template, "default")(r) == '{"/x"} {-}'
+    assert line_renderer(template, "json")(r) == '{"/x"} {}'
+
+
 def _request(**values):
     headers = values.pop("headers", {})
     return SimpleNamespace(header=lambda name: headers.get(name, ""), **values)

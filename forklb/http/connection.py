@@ -196,8 +196,17 @@ class Exchange:
     def header(self, name: str) -> str:
         """Request header ``name`` (lower-case), repeated values joined by ", "."""
         wanted = name.encode("latin-1")
-        values = [v for n, v in self.headers if n.lower() == wanted]
-        return b", ".join(values).decode("latin-1")
+        size = len(wanted)
+        values = None
+        for n, v in self.headers:  # (a loop, not a comprehension: no closure per call)
+            if len(n) == size and n.lower() == wanted:
+                if values is None:
+                    values = [v]
+                else:
+                    values.append(v)
+        if values is None:
+            return ""
+        return (values[0] if len(values) == 1 else b", ".join(values)).decode("latin-1")
 
     @property
     def has_body(self) -> bool:

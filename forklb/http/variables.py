@@ -14,6 +14,7 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from operator import attrgetter
 from typing import Any
 
 from forklb.http.routing import capture
@@ -23,17 +24,21 @@ Getter = Callable[[Any], str]
 _VAR = re.compile(r"\$(?:\{([A-Za-z0-9_]+)\}|([A-Za-z0-9_]+))")
 
 
-def _host(r: Any) -> str:
-    return r.host
-
-
 def _proxy_add_x_forwarded_for(r: Any) -> str:
     previous = r.header("x-forwarded-for")
     return f"{previous}, {r.remote_addr}" if previous else r.remote_addr
 
 
+_local_second: list = [None, ""]  # the last second formatted by _time_local, and its text
+
+
 def _time_local(r: Any) -> str:
-    return time.strftime("%d/%b/%Y:%H:%M:%S %z", time.localtime(r.start_time))
+    """``$time_local``, formatted once per second (as nginx caches its time strings)."""
+    second = int(r.start_time)
+    if second != _local_second[0]:
+        _local_second[0] = second
+        _local_second[1] = time.strftime("%d/%b/%Y:%H:%M:%S %z", time.localtime(second))
+    return _local_second[1]
 
 
 def _time_iso8601(r: Any) -> str:
@@ -47,36 +52,36 @@ def _request_time(r: Any) -> str:
 
 
 VARIABLES: dict[str, Getter] = {
-    "host": _host,
-    "remote_addr": lambda r: r.remote_addr,
+    "host": attrgetter("host"),
+    "remote_addr": attrgetter("remote_addr"),
     "remote_port": lambda r: str(r.remote_port),
     "remote_user": lambda r: "",
-    "request": lambda r: r.request_line,
-    "request_method": lambda r: r.method,
-    "request_uri": lambda r: r.target,
-    "uri": lambda r: r.uri,
-    "document_uri": lambda r: r.uri,
-    "args": lambda r: r.args,
-    "query_string": lambda r: r.args,
-    "scheme": lambda r: r.scheme,
-    "https": lambda r: r.https,
-    "ssl_protocol": lambda r: r.ssl_protocol,
-    "ssl_cipher": lambda r: r.ssl_cipher,
-    "ssl_server_name": lambda r: r.ssl_server_name,
-    "server_protocol": lambda r: r.protocol,
+    "request": attrgetter("request_line"),
+    "request_method": attrgetter("method"),
+    "request_uri": attrgetter("target"),
+    "uri": attrgetter("uri"),
+    "document_uri": attrgetter("uri"),
+    "args": attrgetter("args"),
+    "query_string": attrgetter("args"),
+    "scheme": attrgetter("scheme"),
+    "https": attrgetter("https"),
+    "ssl_protocol": attrgetter("ssl_protocol"),
+    "ssl_cipher": attrgetter("ssl_cipher"),
+    "ssl_server_name": attrgetter("ssl_server_name"),
+    "server_protocol": attrgetter("protocol"),
     "server_port": lambda r: str(r.server_port),
-    "server_addr": lambda r: r.server_addr,
-    "server_name": lambda r: r.server_name,
-    "proxy_host": lambda r: r.proxy_host,
+    "server_addr": attrgetter("server_addr"),
+    "server_name": attrgetter("server_name"),
+    "proxy_host": attrgetter("proxy_host"),
     "proxy_add_x_forwarded_for": _proxy_add_x_forwarded_for,
     "status": lambda r: str(r.status),
     "body_bytes_sent": lambda r: str(r.body_bytes_sent),
     "bytes_sent": lambda r: str(r.bytes_sent),
     "request_time": _request_time,
-    "upstream_addr": lambda r: r.upstream_addr,
-    "upstream_status": lambda r: r.upstream_status,
-    "upstream_response_time": lambda r: r.upstream_response_time,
-    "upstream_connect_time": lambda r: r.upstream_connect_time,
+    "upstream_addr": attrgetter("upstream_addr"),
+    "upstream_status": attrgetter("upstream_status"),
+    "upstream_response_time": attrgetter("upstream_response_time"),
+    "upstream_connect_time": attrgetter("upstream_connect_time"),
     "time_local": _time_local,
     "time_iso8601": _time_iso8601,
     "msec": lambda r: f"{time.time():.3f}",
