@@ -30,6 +30,7 @@ from forklb.http import internal, protocol, sockio, splice
 from forklb.http.routing import BadHost, BadPath, normalize_path, split_host
 from forklb.http.validate import LOWERED_NAMES as _LOWERED
 from forklb.http.validate import ChunkScanner, Invalid, lowered_name, transfer_coding
+from forklb.http.variables import NOTED_HEADERS
 from forklb.model import access_allows
 
 if TYPE_CHECKING:
@@ -112,6 +113,7 @@ class Exchange:
     host_repeated = False
     codings: list[bytes] | None = None  # Transfer-Encoding values
     expect: bytes | None = None
+    header_map: dict[str, str] | None = None  # the NOTED_HEADERS values, by name
 
     def __init__(self, conn: ClientConnection, header_deadline: float):
         self.conn = conn
@@ -195,18 +197,12 @@ class Exchange:
 
     def header(self, name: str) -> str:
         """Request header ``name`` (lower-case), repeated values joined by ", "."""
+        if name.encode("latin-1") in NOTED_HEADERS:  # noted while parsing
+            found = self.header_map
+            return found.get(name, "") if found is not None else ""
         wanted = name.encode("latin-1")
-        size = len(wanted)
-        values = None
-        for n, v in self.headers:  # (a loop, not a comprehension: no closure per call)
-            if len(n) == size and n.lower() == wanted:
-                if values is None:
-                    values = [v]
-                else:
-                    values.append(v)
-        if values is None:
-            return ""
-        return (values[0] if len(values) == 1 else b", ".join(values)).decode("latin-1")
+        values = [v for n, v in self.headers if n.lower() == wanted]
+        return b", ".join(values).decode("latin-1")
 
     @property
     def has_body(self) -> bool:
@@ -280,6 +276,8 @@ class ClientConnection:
             ex.headers.append((name, value))
             if lname in _NOTED:
                 _note_header(ex, lname, value)
+            if lname in NOTED_HEADERS:
+                _note_for_variables(ex, lname, value)
 
     def on_headers_complete(self) -> None:
         ex = self.parsing
@@ -958,6 +956,16 @@ def _note_header(ex: Exchange, lname: bytes, value: bytes) -> None:
         ex.codings.append(value)
     else:
         ex.expect = value
+
+
+def _note_for_variables(ex: Exchange, lname: bytes, value: bytes) -> None:
+    """Keep a header that a ``$http_*`` variable reads (:meth:`Exchange.header`)."""
+    found = ex.header_map
+    if found is None:
+        found = ex.header_map = {}
+    key = lname.decode("latin-1")
+    text = value.decode("latin-1")
+    found[key] = f"{found[key]}, {text}" if key in found else text
 
 
 def _shown_line(name: bytes, value: bytes) -> str:

@@ -91,9 +91,17 @@ VARIABLES: dict[str, Getter] = {
 }
 
 
+# The request headers variables read ($http_*, and X-Forwarded-For for
+# $proxy_add_x_forwarded_for): a worker notes these as the request is parsed, so a
+# variable is a dict lookup (forklb.http.connection).  Filled as templates compile,
+# at config load in the master, before workers fork.
+NOTED_HEADERS: set[bytes] = {b"x-forwarded-for"}
+
+
 def _header_getter(name: str) -> Getter:
     """``$http_x_real_ip`` reads request header ``x-real-ip`` (names are lower-case)."""
     header = name.lower().replace("_", "-")
+    NOTED_HEADERS.add(header.encode("latin-1"))
     return lambda r: r.header(header)
 
 
