@@ -197,10 +197,10 @@ class Exchange:
 
     def header(self, name: str) -> str:
         """Request header ``name`` (lower-case), repeated values joined by ", "."""
-        if name.encode("latin-1") in NOTED_HEADERS:  # noted while parsing
+        wanted = name.encode("latin-1")
+        if wanted in NOTED_HEADERS:  # noted while parsing
             found = self.header_map
             return found.get(name, "") if found is not None else ""
-        wanted = name.encode("latin-1")
         values = [v for n, v in self.headers if n.lower() == wanted]
         return b", ".join(values).decode("latin-1")
 

@@ -557,10 +557,7 @@ def _response_head(conn: ClientConnection, ex: Exchange, rt: LocationRuntime,
         if passed and lname in passed:
             relayed_own.add(lname)
         out += (name, b": ", value, b"\r\n")
-    if relayed_own:
-        _add_own_headers(out, relayed_own, conn.worker.date.now())
-    else:
-        out.append(conn.worker.date.own_header_lines())
+    _add_own_headers(out, relayed_own, conn.worker.date)
     if listed:
         out = [_strip_listed(b"".join(out), listed)]
     if ex.method_b == b"HEAD" or status == 204 or status == 304:
@@ -622,15 +619,18 @@ def _relay_body(conn: ClientConnection, ex: Exchange, rt: LocationRuntime,
     return moved
 
 
-def _add_own_headers(out: list[bytes], relayed_own: set[bytes], date: bytes) -> None:
+def _add_own_headers(out: list[bytes], relayed_own: set[bytes], date: protocol.HttpDate) -> None:
     """forklb's Server and Date, unless the upstream's own were passed (proxy_pass_header)."""
+    if not relayed_own:
+        out.append(date.own_header_lines())  # both lines, made once per second
+        return
     if b"server" not in relayed_own:
         out.append(b"Server: forklb\r\n")
     if b"date" not in relayed_own:
-        out += (b"Date: ", date, b"\r\n")
+        out += (b"Date: ", date.now(), b"\r\n")
 
 
-def tunnel_head(resp: ResponseHead, rt: LocationRuntime, date: bytes) -> bytes:
+def tunnel_head(resp: ResponseHead, rt: LocationRuntime, date: protocol.HttpDate) -> bytes:
     """The 101 head relayed to the client, as nginx sends it: the upstream's
     headers (its Upgrade included) minus hop-by-hop and hidden ones, forklb's
     Server and Date unless passed, and ``Connection: upgrade``."""
@@ -654,7 +654,7 @@ def _relay_tunnel(conn: ClientConnection, ex: Exchange, rt: LocationRuntime,
     idle for proxy_read_timeout (nginx's upgraded mode); the connection then ends."""
     ex.status = 101
     conn.must_close = True
-    head = tunnel_head(resp, rt, conn.worker.date.now())
+    head = tunnel_head(resp, rt, conn.worker.date)
     conn.send(head)
     to_client = pipe(conn.sock, stream.sock, first_down=resp.upgrade_rest or b"",
                      first_up=ex.upgrade_tail or b"", idle_timeout=rt.read_timeout,

@@ -3,12 +3,12 @@ by a timeout, at the cost of a bare loop timer.
 
 gevent's own socket methods cover every wait with a ``gevent.Timeout`` (a
 Python object, about 2.3 µs to start and cancel) and go through several
-Python-level layers; a proxied request waits about twice.  Here a read or write
-is tried at once on the underlying socket, and only when it would block does
-the greenlet wait on the socket's own io watcher, with a libev timer (0.2 µs)
-that throws ``TimeoutError`` into it.  Closing the socket from another greenlet
-still wakes the waiter, with gevent's "closed in another greenlet" error,
-because the watcher is the socket's.
+Python-level layers; a proxied request waits about twice.  Here a write is tried
+at once on the underlying socket, and only when it would block does the greenlet
+wait on the socket's own io watcher, with a libev timer (0.2 µs) that throws
+``TimeoutError`` into it.  Closing the socket from another greenlet still wakes
+the waiter, with gevent's "closed in another greenlet" error, because the watcher
+is the socket's.  Reads go through a :class:`Stream`, which waits first.
 
 Only for plain TCP sockets: a TLS socket's bytes pass through OpenSSL, so it
 keeps gevent's methods (:class:`forklb.http.tls.TlsConnection`).
@@ -41,20 +41,6 @@ def wait(sock, watcher, timeout: float | None) -> None:
         watcher.stop()
         timer.stop()
         timer.close()
-
-
-def recv(sock, timeout: float | None, size: int = RECV_SIZE) -> bytes:
-    """Up to ``size`` bytes from ``sock``, waiting at most ``timeout`` for them
-    (b"" at end of stream; TimeoutError, or OSError for a reset).  A timeout of
-    0 takes only what is there already (BlockingIOError if nothing is)."""
-    raw = sock._sock
-    while True:
-        try:
-            return raw.recv(size)
-        except BlockingIOError:
-            if timeout == 0:
-                raise
-            wait(sock, sock._read_event, timeout)
 
 
 def send_all(sock, data: bytes, timeout: float | None) -> None:
