@@ -184,9 +184,9 @@ def line_renderer(template, escape: str = "default"):
     (nginx's ``not_found`` variables).
 
     The literal text becomes a ``str.format`` pattern, filled in one call; the
-    values are checked for bytes to escape with one regex search over all of
-    them (the escape sets are single characters, so that equals a search per
-    value), and escaped one by one only when one has such a byte.
+    values are checked for characters to escape with one check over all of
+    them (the escape sets are single characters, so that equals a check per
+    value), and escaped one by one only when one has such a character.
     """
     table = ESCAPE_TABLES[escape]
     needs = _NEEDS_ESCAPE[escape].search if table is not None else None

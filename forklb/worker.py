@@ -59,8 +59,8 @@ class Listener:
     header_line_max: int = 8192
     header_section_max: int = 4 * 8192
     send_timeout: float = 60.0  # for responses sent before a location is chosen
-    # Host header value -> (host, server), filled as requests arrive (see
-    # ClientConnection._route): a host is validated and matched once.
+    # Host header value -> ($host, server, location matcher), filled as requests
+    # arrive (see ClientConnection._route_host): a host is validated and matched once.
     routes: dict = field(default_factory=dict)
 
 
