@@ -36,7 +36,7 @@ from bench.proxies import ForkLBProxy, start_backends
 
 SYSCALLS = ("recvfrom", "sendto", "epoll_wait", "epoll_ctl", "read", "write", "writev",
             "accept4", "close", "fcntl", "ioctl", "getsockopt", "setsockopt", "mmap",
-            "munmap", "getpid")
+            "munmap", "getpid", "connect", "socket")
 
 
 def _requests(port: int, count: int, clients: int) -> None:
