@@ -687,3 +687,46 @@ def test_keepalive_zero_keeps_nothing() -> None:
     sock = FakeSocket("x")
     g.give_back(0, sock)
     assert sock.closed and g.idle_count == 0 and g.take_idle(0) is None
+
+
+# --------------------------------------------------------------------------- steady_pick
+
+
+def test_steady_pick_follows_the_shared_schedule_as_choice_does() -> None:
+    s = Setup(servers(5, 1, 1))
+    w0, w1 = s.group(0), s.group(1)
+    fast = letters(w.steady_pick() for _ in range(7) for w in (w0, w1))
+    assert fast == letters(swrr_schedule([5, 1, 1]) * 2)
+    assert picks(Setup(servers(5, 1, 1)).group(), 14) == fast
+
+
+def test_steady_pick_gives_way_to_choice_while_a_failure_is_on_record(clock: FakeClock) -> None:
+    s = Setup(servers(1, 1, max_fails=3, fail_timeout=10.0))
+    w0, w1 = s.group(0), s.group(1)
+    assert w0.steady_pick() == 0
+    w1.failed(1)  # another worker: 1 of 3, the peer stays in service
+    assert w0.steady_pick() == -1
+    # The Choice times the probe: after fail_timeout choosing the peer restarts
+    # its window, and the success that follows clears the failures.
+    clock.advance(11)
+    while request(w0) != 1:
+        pass
+    assert s.view.fails[1] == 0
+    assert w0.steady_pick() in (0, 1)
+
+
+@pytest.mark.parametrize("setup", [
+    lambda: Setup(servers(1, 1, max_conns=5)),
+    lambda: Setup(servers(1, 1), Balancing(method="least_conn")),
+    lambda: Setup([srv(8081, down=True), srv(8082, down=True)]),
+])
+def test_steady_pick_leaves_limits_methods_and_no_peers_to_choice(setup) -> None:
+    assert setup().group().steady_pick() == -1
+
+
+def test_start_after_a_steady_pick_does_not_offer_that_peer_again() -> None:
+    g = Setup(servers(1, 1)).group()
+    first = g.steady_pick()
+    choice = g.start(FakeExchange(), first)
+    assert choice.next() == 1 - first
+    assert choice.next() is None

@@ -88,7 +88,7 @@ class Exchange:
     proxy_host = ""
     upstream_addr = ""
     upstream_status = ""
-    upstream_response_time = ""
+    upstream_time: float | None = None  # seconds to the response head, all tries
     upstream_connect_time = ""
     expect_continue = False  # "Expect: 100-continue": answered when the body is read
     content_length: int | None = None
@@ -203,6 +203,11 @@ class Exchange:
             return found.get(name, "") if found is not None else ""
         values = [v for n, v in self.headers if n.lower() == wanted]
         return b", ".join(values).decode("latin-1")
+
+    @property
+    def upstream_response_time(self) -> str:
+        t = self.upstream_time
+        return "" if t is None else f"{t:.3f}"
 
     @property
     def has_body(self) -> bool:

@@ -167,60 +167,63 @@ def proxy(conn: ClientConnection, ex: Exchange, rt: LocationRuntime) -> None:
         ex.keep_alive = False
         conn.respond_simple(ex, 411)
         return
-    tunnel = wants_tunnel(ex, rt)
+    tunnel = rt.tunnel and wants_tunnel(ex, rt)
     head = request_head(ex, rt, upstream_uri(ex, rt), tunnel)
     body = None
-    if ex.has_body and ex.complete:
+    if (ex.chunked or ex.content_length) and ex.complete:
         # The whole body came with the head (a small request): it is in memory
         # anyway, so keep it for another attempt, as nginx's buffered bodies are.
         data = b"".join(conn.body_chunks(ex))
         body = [data] if data else []
-    idempotent = ex.method_b in protocol.IDEMPOTENT_METHODS
-    policy = rt.next_upstream
-    choice = group.start(ex)
     started = time.monotonic()
+    index = group.steady_pick()  # the first try's peer, or -1: a Choice decides
+    choice = None
+    tried = -1  # the steady pick, once it failed
     addrs: list[str] = []
     statuses: list[str] = []
-    tries = 0
     while True:
-        index = choice.next()
-        if index is None:
-            conn.worker.log.error(_context("no live upstreams while connecting to upstream",
-                                           conn, ex, None))
-            _finish_log(ex, addrs, statuses, started)
-            conn.respond_simple(ex, 502)
-            return
-        tries += 1
+        if index < 0:
+            if choice is None:
+                choice = group.start(ex, tried)
+            index = choice.next()
+            if index is None:
+                conn.worker.log.error(_context("no live upstreams while connecting to upstream",
+                                               conn, ex, None))
+                _finish_log(ex, addrs, statuses, started)
+                conn.respond_simple(ex, 502)
+                return
         addrs.append(group.label(index))
         group.acquire(index)
         released = False
         try:
             try:
-                sock, resp = _try_peer(conn, ex, rt, group, index, head, idempotent, tunnel,
-                                       body)
+                sock, resp = _try_peer(conn, ex, rt, group, index, head, tunnel, body)
             except UpstreamError as e:
                 conn.worker.log.error(_context(e.message, conn, ex, group.label(index)))
                 group.failed(index)  # error, timeout, invalid_header: always a failure
-                conn.worker.stats.upstream_failed(group, index, e, tries > 1)
+                conn.worker.stats.upstream_failed(group, index, e, len(addrs) > 1)
                 statuses.append(str(e.status))
-                if nu.decide(policy, e.kind, tries_done=tries, peers=rt.peers,
+                if nu.decide(rt.next_upstream, e.kind, tries_done=len(addrs), peers=rt.peers,
                              elapsed=time.monotonic() - started, sent=e.sent,
                              method=ex.method_b, body_gone=e.body_consumed):
+                    tried, index = index, -1
                     continue
                 _finish_log(ex, addrs, statuses, started)
                 conn.respond_simple(ex, e.status)
                 return
             try:
                 if resp.status in rt.retry_statuses and _next_on_status(
-                        policy, resp.status, tries, rt.peers, started, ex, body is not None):
+                        rt.next_upstream, resp.status, len(addrs), rt.peers, started, ex,
+                        body is not None):
                     # Nothing went to the client: drop the response with its connection.
                     resp.release()
                     sock.close()
                     statuses.append(str(resp.status))
                     conn.worker.stats.upstream_done(group, index, resp.status, started,
-                                                    tries > 1)
+                                                    len(addrs) > 1)
                     if nu.counts_as_failure(nu.STATUS_FLAGS[resp.status]):
                         group.failed(index)
+                    tried, index = index, -1
                     continue
                 _finish_log(ex, addrs, statuses, started)
                 if tunnel and resp.status == 101:
@@ -244,7 +247,7 @@ def proxy(conn: ClientConnection, ex: Exchange, rt: LocationRuntime) -> None:
             if not released:
                 group.release(index)
         group.succeeded(index)
-        conn.worker.stats.upstream_done(group, index, ex.status, started, tries > 1)
+        conn.worker.stats.upstream_done(group, index, ex.status, started, len(addrs) > 1)
         if relayed and not rt.http10 and not tunnel:
             group.give_back(index, sock)
         else:
@@ -264,13 +267,13 @@ def _next_on_status(policy: nu.NextUpstream, status: int, tries: int, peers: int
 def _finish_log(ex: Exchange, addrs: list[str], statuses: list[str], started: float) -> None:
     """$upstream_addr (every peer tried) and the time spent, for the access log."""
     ex.upstream_addr = addrs[0] if len(addrs) == 1 else ", ".join(addrs)
-    ex.upstream_response_time = f"{time.monotonic() - started:.3f}"
+    ex.upstream_time = time.monotonic() - started
     if statuses:
         ex.upstream_status = ", ".join(statuses)
 
 
 def _try_peer(conn: ClientConnection, ex: Exchange, rt: LocationRuntime, group: UpstreamGroup,
-              index: int, head: bytes, idempotent: bool, tunnel: bool,
+              index: int, head: bytes, tunnel: bool,
               body: list[bytes] | None) -> tuple[sockio.Stream, ResponseHead]:
     """Send ``ex`` to peer ``index`` and read the response head: on an idle pooled
     connection if there is one, again on a fresh connection if that one turns
@@ -287,7 +290,7 @@ def _try_peer(conn: ClientConnection, ex: Exchange, rt: LocationRuntime, group: 
         except UpstreamError as e:
             if sock is not None:
                 sock.close()
-            if not (e.stale and e.replayable(idempotent)):
+            if not (e.stale and e.replayable(ex.method_b in protocol.IDEMPOTENT_METHODS)):
                 raise
             # The server closed its idle connections (restart, its keepalive_timeout):
             # the others in the pool are as dead as this one.

@@ -71,6 +71,7 @@ class UpstreamGroup:
         self._epoch = -1
         self._recheck_at = 0.0
         self._steady = -1
+        self._pristine: tuple[int, ...] | None = None  # see steady_pick
         self._rebuild(self.configured_weights)
 
     # -- weights can change at run time (the sidecar's API writes view.weight) --
@@ -123,6 +124,11 @@ class UpstreamGroup:
                 mask |= 1 << i
         self._steady = mask
         self._recheck_at = recheck
+        # Plain round robin with no failure on record and no max_conns: the first
+        # try needs neither a Choice nor the probe bookkeeping (steady_pick).
+        pristine = (mask > 0 and self.method is None and not self.limited
+                    and not any(view.fails[i] for i in range(self.primaries)))
+        self._pristine = self.schedule(mask, self._weights) if pristine else None
 
     # -- state of one peer --
     def address(self, i: int) -> tuple[str, int]:
@@ -158,8 +164,29 @@ class UpstreamGroup:
         return not limit or self.view.total_conns(i) < limit
 
     # -- per request --
-    def start(self, ex: Any) -> Choice:
-        return Choice(self, ex)
+    def steady_pick(self) -> int:
+        """The peer of a request's first try when nothing needs deciding: round
+        robin, no failure on record (so no probe to time), no ``max_conns``.  It
+        is the next step of the shared schedule, as :class:`Choice` would take
+        it.  -1 otherwise: a Choice decides (:meth:`start`).
+        """
+        if self.view.epoch.value != self._epoch:
+            self.refresh(time.monotonic())
+        schedule = self._pristine
+        if schedule is None:
+            return -1
+        ticket = self.view.ticket
+        n = ticket.value
+        ticket.value = n + 1
+        return schedule[n % len(schedule)]
+
+    def start(self, ex: Any, tried: int = -1) -> Choice:
+        """The peer choice for ``ex``; ``tried``: a peer its first try already
+        took (from :meth:`steady_pick`)."""
+        choice = Choice(self, ex)
+        if tried >= 0:
+            choice.tried = 1 << tried
+        return choice
 
     def acquire(self, i: int) -> None:
         """Peer ``i`` gets a request from this worker (counts for least_conn, max_conns)."""
