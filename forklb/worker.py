@@ -71,12 +71,11 @@ class LocationRuntime:
                  "sets_host", "connect_timeout", "read_timeout", "send_timeout", "mime_types",
                  "hidden", "passed", "doc_root", "alias_len", "next_upstream", "retry_statuses",
                  "peers", "http10", "version_line", "tunnel", "upgrade_headers", "splice",
-                 "host_line", "hidden_lines")
+                 "host_line")
 
     def __init__(self, loc: Location, groups: dict, mime_types: dict[str, str]):
         from forklb.http.protocol import FRAMING_RESPONSE, HIDDEN_BY_DEFAULT
         from forklb.http.proxy import proxy
-        from forklb.http.response_head import hidden_lines
         from forklb.http.returns import serve_return
         from forklb.http.static import serve_static
 
@@ -97,7 +96,6 @@ class LocationRuntime:
         # Response headers not relayed; Server/Date let through replace forklb's own.
         self.hidden = FRAMING_RESPONSE | (HIDDEN_BY_DEFAULT - passed) | hidden
         self.passed = passed & {b"server", b"date"}
-        self.hidden_lines = hidden_lines(self.hidden)
         if loc.return_ is not None:
             self.handler = serve_return
             self.group = None

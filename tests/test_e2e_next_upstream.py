@@ -252,6 +252,45 @@ def test_invalid_header_retried_only_when_listed(forklb_factory, nginx_backend_f
     assert _outcome(_nginx(nginx_backend_factory, servers, listed))[0] == expected[0]
 
 
+class BigHeadBackend(SocketBackend):
+    """Answers with a response head that never ends: 200 KiB of header lines."""
+
+    threaded = True
+
+    def serve(self, conn: socket.socket, addr: tuple[str, int]) -> None:
+        conn.settimeout(5)
+        try:
+            conn.recv(65536)
+            conn.sendall(b"HTTP/1.1 200 OK\r\n")
+            for i in range(200):
+                conn.sendall(b"X-Filler-%03d: %s\r\n" % (i, b"f" * 1000))
+        except OSError:
+            pass
+
+
+@pytest.mark.parametrize("listed, expected", [
+    ("", (502, None)),
+    ("proxy_next_upstream invalid_header;", (200, "b")),
+])
+def test_endless_response_head_is_refused(forklb_factory, nginx_backend_factory, named,
+                                          listed, expected):
+    """An upstream head over 64 KiB is an invalid header (nginx: over proxy_buffer_size),
+    not collected without bound."""
+    big, b = BigHeadBackend(), named("b")
+    try:
+        servers = _servers(f"127.0.0.1:{big.port} max_fails=0", f"127.0.0.1:{b.port} backup")
+        lb, port = _forklb(forklb_factory, servers, listed)
+        status, body = _outcome(port)
+        assert status == expected[0]
+        if expected[1]:
+            assert body == expected[1]
+        assert ("upstream sent too big header while reading response header from upstream"
+                in lb.error_log())
+        assert _outcome(_nginx(nginx_backend_factory, servers, listed))[0] == expected[0]
+    finally:
+        big.stop()
+
+
 @pytest.mark.parametrize("listed, statuses", [
     ("", '"504, 504"'),  # default error timeout: the backup is tried too
     ("proxy_next_upstream error;", '"504"'),

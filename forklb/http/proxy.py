@@ -30,8 +30,7 @@ import httptools
 from forklb.http import next_upstream as nu
 from forklb.http import protocol, sockio, splice
 from forklb.http.connection import RECV_SIZE, ClientConnection, ClientGone, Exchange
-from forklb.http.response_head import ResponseHead
-from forklb.http.validate import Invalid
+from forklb.http.validate import Invalid, response_start_ok, transfer_coding
 from forklb.metrics import recorder as metrics_recorder
 from forklb.upstream.pool import UpstreamGroup, connect
 
@@ -56,6 +55,101 @@ class UpstreamError(Exception):
         """nginx's rule: a sent non-idempotent request is not retried; a streamed
         body cannot be (it is not buffered)."""
         return not self.body_consumed and (idempotent or not self.sent)
+
+
+# The most an upstream's response head may take (1xx interim heads before it
+# included): beyond it the reply is refused, as nginx refuses one that overflows
+# proxy_buffer_size, rather than collected without bound.
+HEAD_MAX = 64 * 1024
+
+
+class ResponseHead:
+    """httptools callbacks for one upstream response."""
+
+    __slots__ = ("parser", "reason", "headers", "codings", "headers_done", "complete", "body",
+                 "status", "keep_alive", "head_request", "prefix", "upgrade_rest", "head_bytes")
+
+    def __init__(self, head_request: bool):
+        self.parser = httptools.HttpResponseParser(self)
+        self.head_request = head_request
+        self.reason = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.codings: list[bytes] = []  # Transfer-Encoding values
+        self.headers_done = False
+        self.complete = False
+        self.body: list[bytes] = []
+        self.status = 0
+        self.keep_alive = False
+        self.prefix = b""  # the reply's first bytes, until they show "HTTP/"
+        self.upgrade_rest: bytes | None = None  # after a 101 head: the tunnel's first bytes
+        self.head_bytes = 0  # read before the head was complete
+
+    def on_message_begin(self) -> None:
+        self.reason = b""
+        self.headers = []
+        self.codings = []
+        self.headers_done = False
+        self.complete = False
+
+    def on_status(self, status: bytes) -> None:
+        self.reason += status
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name, value))
+        if len(name) == 17 and name.lower() == b"transfer-encoding":
+            self.codings.append(value)
+
+    def on_headers_complete(self) -> None:
+        self.status = self.parser.get_status_code()
+        self.keep_alive = self.parser.should_keep_alive()
+        if 100 <= self.status < 200 and self.status != 101:
+            return  # interim response: skipped, the final one follows
+        codings = self.codings
+        if codings:
+            # Any coding but chunked (nginx >= 1.23: "upstream sent unknown
+            # Transfer-Encoding"): the body's end could not be found. Re-raised by feed.
+            transfer_coding(codings, "1.1")
+        self.headers_done = True
+        if self.head_request:
+            self.complete = True
+
+    def on_body(self, body: bytes) -> None:
+        self.body.append(body)
+
+    def on_message_complete(self) -> None:
+        if self.headers_done:
+            self.complete = True
+
+    def release(self) -> None:
+        """Break the reference cycle with the parser (which holds this object for
+        its callbacks), so the pair is freed at once, not by the cyclic collector."""
+        self.parser = None
+
+    def feed(self, data: bytes) -> None:
+        """Parse ``data``; a reply that is not HTTP/1.x, or framing forklb refuses,
+        raises Invalid (llhttp takes RTSP/ and ICE/ too, nginx 1.22 even HTTP/0.9), and
+        so does a head growing past HEAD_MAX."""
+        if self.headers_done:
+            if self.head_request:
+                return  # llhttp does not know HEAD responses have no body
+        else:
+            self.head_bytes += len(data)
+        if len(self.prefix) < 5:
+            self.prefix += data[:5 - len(self.prefix)]
+            if not response_start_ok(self.prefix):
+                raise Invalid(502, "upstream sent no valid HTTP/1.0 header")
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as e:
+            # 101 Switching Protocols: llhttp stops after the head.
+            self.upgrade_rest = data[e.args[0]:]
+            self.complete = True
+        except httptools.HttpParserError as e:
+            if isinstance(e.__context__, Invalid):
+                raise e.__context__ from None
+            raise
+        if not self.headers_done and self.head_bytes > HEAD_MAX:
+            raise Invalid(502, "upstream sent too big header")
 
 
 def wants_tunnel(ex: Exchange, rt: LocationRuntime) -> bool:
@@ -462,14 +556,26 @@ def _response_head(conn: ClientConnection, ex: Exchange, rt: LocationRuntime,
     re-encoded, "close"-delimited or "none") and the upstream's Content-Length.
     Decides keep-alive: ``conn.must_close`` is set when the connection ends."""
     reason = resp.reason if status == resp.status else b""
-    status_line = b"HTTP/1.1 %d %s\r\n" % (status, reason or protocol.reason(status))
-    if resp.regular and not rt.passed:
-        # The usual reply: its lines as received, less the hidden ones
-        out = [status_line, rt.hidden_lines.sub(b"", resp.block),
-               conn.worker.date.own_header_lines()]
-    else:
-        out = [status_line, *_relayed_lines(resp, rt, conn.worker.date, rt.hidden)]
-    content_length = resp.content_length
+    out = [b"HTTP/1.1 %d %s\r\n" % (status, reason or protocol.reason(status))]
+    hidden = rt.hidden
+    passed = rt.passed
+    content_length = None
+    listed: frozenset[bytes] = frozenset()
+    relayed_own: set[bytes] = set()  # Server/Date from upstream (proxy_pass_header)
+    for name, value in resp.headers:
+        lname = name.lower()
+        if lname in hidden:
+            if lname == b"content-length":
+                content_length = int(value)
+            elif lname == b"connection":  # every Connection line counts
+                listed = listed | protocol.connection_tokens([value])
+            continue
+        if passed and lname in passed:
+            relayed_own.add(lname)
+        out += (name, b": ", value, b"\r\n")
+    _add_own_headers(out, relayed_own, conn.worker.date)
+    if listed:
+        out = [_strip_listed(b"".join(out), listed)]
     if ex.method_b == b"HEAD" or status == 204 or status == 304:
         mode = "none"
         if content_length is not None:
@@ -489,33 +595,6 @@ def _response_head(conn: ClientConnection, ex: Exchange, rt: LocationRuntime,
         conn.must_close = True
         out.append(b"Connection: close\r\n\r\n")
     return b"".join(out), mode, content_length
-
-
-def _relayed_lines(resp: ResponseHead, rt: LocationRuntime, date: protocol.HttpDate,
-                   hidden: frozenset[bytes]) -> list[bytes]:
-    """The upstream's header lines that reach the client, rebuilt one by one as
-    ``Name: value``, with forklb's Server and Date unless the upstream's own are
-    passed (proxy_pass_header), and without the headers its Connection lists."""
-    out = []
-    relayed_own = set()
-    for name, value in resp.header_pairs():
-        lname = name.lower()
-        if lname in hidden:
-            continue
-        if lname in rt.passed:
-            relayed_own.add(lname)
-        out += (name, b": ", value, b"\r\n")
-    if not relayed_own:
-        out.append(date.own_header_lines())  # both lines, made once per second
-    else:
-        if b"server" not in relayed_own:
-            out.append(b"Server: forklb\r\n")
-        if b"date" not in relayed_own:
-            out += (b"Date: ", date.now(), b"\r\n")
-    if resp.listed:
-        # the leading CRLF stands in for the status line _strip_listed keeps
-        return [_strip_listed(b"\r\n" + b"".join(out), resp.listed)[2:]]
-    return out
 
 
 def _relay_body(conn: ClientConnection, ex: Exchange, rt: LocationRuntime,
@@ -556,13 +635,33 @@ def _relay_body(conn: ClientConnection, ex: Exchange, rt: LocationRuntime,
     return moved
 
 
+def _add_own_headers(out: list[bytes], relayed_own: set[bytes], date: protocol.HttpDate) -> None:
+    """forklb's Server and Date, unless the upstream's own were passed (proxy_pass_header)."""
+    if not relayed_own:
+        out.append(date.own_header_lines())  # both lines, made once per second
+        return
+    if b"server" not in relayed_own:
+        out.append(b"Server: forklb\r\n")
+    if b"date" not in relayed_own:
+        out += (b"Date: ", date.now(), b"\r\n")
+
+
 def tunnel_head(resp: ResponseHead, rt: LocationRuntime, date: protocol.HttpDate) -> bytes:
     """The 101 head relayed to the client, as nginx sends it: the upstream's
     headers (its Upgrade included) minus hop-by-hop and hidden ones, forklb's
     Server and Date unless passed, and ``Connection: upgrade``."""
-    lines = _relayed_lines(resp, rt, date, rt.hidden - {b"upgrade"})
-    return b"".join([b"HTTP/1.1 101 ", resp.reason or protocol.reason(101), b"\r\n", *lines,
-                     b"Connection: upgrade\r\n\r\n"])
+    out = [b"HTTP/1.1 101 ", resp.reason or protocol.reason(101), b"\r\n"]
+    relayed_own = set()
+    for name, value in resp.headers:
+        lname = name.lower()
+        if lname in rt.hidden and lname != b"upgrade":
+            continue
+        if lname in rt.passed:
+            relayed_own.add(lname)
+        out += (name, b": ", value, b"\r\n")
+    _add_own_headers(out, relayed_own, date)
+    out.append(b"Connection: upgrade\r\n\r\n")
+    return b"".join(out)
 
 
 def _relay_tunnel(conn: ClientConnection, ex: Exchange, rt: LocationRuntime,
