@@ -13,9 +13,9 @@ import os
 import re
 import sys
 import time
-from itertools import repeat
-from operator import call
 from typing import TextIO
+
+from forklb.http.variables import inline_form
 
 LEVELS = ("debug", "info", "notice", "warn", "error", "crit", "alert", "emerg")
 _RANK = {name: i for i, name in enumerate(LEVELS)}
@@ -176,41 +176,72 @@ def _needs_default_escape(text: str) -> bool | None:
     return True
 
 
-def line_renderer(template, escape: str = "default"):
-    """A function ``render(request) -> str`` for a log_format, built once at load.
+def line_renderer(template, escape: str = "default", end: str = ""):
+    """A function ``render(request) -> str`` for a log_format, built once at load;
+    each line ends with ``end``.
 
     Literal text is copied; every variable's value is escaped.  An empty value
     shows as ``-`` with ``escape=default`` and as nothing with ``json``/``none``
     (nginx's ``not_found`` variables).
 
-    The literal text becomes a ``str.format`` pattern, filled in one call; the
-    values are checked for characters to escape with one check over all of
-    them (the escape sets are single characters, so that equals a check per
-    value), and escaped one by one only when one has such a character.
+    The function is generated as Python source (as ``dataclasses`` makes its
+    methods): variables that are attributes of the request or headers are read
+    inline (:func:`forklb.http.variables.inline_form`; headers from the request's
+    ``header_map``, where the worker notes every header a variable names), the
+    others called; numbers
+    skip the escape check; the text values are checked for characters to
+    escape with one check over all of them (the escape sets are single
+    characters, so that equals a check per value) and escaped one by one only
+    when one has such a character; the line is filled into a ``str.format``
+    pattern in one call.  No text from the config goes into the source: header
+    names and getters are passed in by name.
     """
     table = ESCAPE_TABLES[escape]
     needs = _NEEDS_ESCAPE[escape].search if table is not None else None
     if escape == "default":
         needs = _needs_default_escape
     empty = "-" if escape == "default" else ""
-    pattern = []
-    getters = []
+    pattern: list[str] = []
+    body: list[str] = []
+    texts: list[str] = []  # the variables holding text, which may need escaping
+    args: list[str] = []  # what fills the pattern's fields, in order
+    names: dict = {"needs": needs, "table": table, "empty": empty}
     for part in template.parts:
         if isinstance(part, str):
             pattern.append(part.replace("{", "{{").replace("}", "}}"))
+            continue
+        form = inline_form(part)
+        if form is not None and form[0] == "empty":
+            pattern.append(empty)
+            continue
+        pattern.append("{}")
+        v = f"v{len(args)}"
+        if form is None:
+            names[f"g_{v}"] = part
+            body.append(f"{v} = g_{v}(r)")
+        elif form[0] == "header":  # noted while parsing (Exchange.header_map)
+            if "hm = r.header_map" not in body:
+                body.insert(0, "hm = r.header_map")
+            names[f"h_{v}"] = form[1]
+            body.append(f"{v} = hm.get(h_{v}, '') if hm is not None else ''")
+        else:  # an attribute: text or number (an identifier from forklb's own tables)
+            body.append(f"{v} = r.{form[1]}")
+            if form[0] == "number":
+                args.append(v)
+                continue
+        texts.append(v)
+        args.append(f"{v} or empty" if empty else v)
+    names["fill"] = ("".join(pattern) + end.replace("{", "{{").replace("}", "}}")).format
+    if texts and needs is not None:
+        joined = f"''.join(({', '.join(texts)},))"
+        if needs is _needs_default_escape:  # its test, inline: one call fewer per line
+            body.append(f"t = {joined}")
+            body.append("""if not (t.isascii() and t.isprintable() and '"' not in t """
+                        """and '\\\\' not in t):""")
         else:
-            pattern.append("{}")
-            getters.append(part)
-    fill = "".join(pattern).format
-
-    count = len(getters)
-
-    def render(r) -> str:
-        values = list(map(call, getters, repeat(r, count)))  # the getters called in C
-        for _ in range(values.count("")):  # empty values show as `empty`
-            values[values.index("")] = empty
-        if needs is not None and needs("".join(values)) is not None:
-            values = [value.translate(table) for value in values]
-        return fill(*values)
-
-    return render
+            body.append(f"if needs({joined}) is not None:")
+        body += [f"    {v} = {v}.translate(table)" for v in texts]
+    body.append(f"return fill({', '.join(args)})")
+    source = "def render(r):\n" + "".join(f"    {line}\n" for line in body)
+    exec(compile(source, f"<log_format {template.source!r}>", "exec"), names)  # noqa: S102
+    return names["render"]

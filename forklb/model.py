@@ -126,7 +126,8 @@ class ProxyPass:
 
 @dataclass(frozen=True, slots=True)
 class LogFormat:
-    """``log_format NAME [escape=...] STRING``; ``render`` is built once, at load."""
+    """``log_format NAME [escape=...] STRING``; ``render`` (a request's line, with its
+    newline) is built once, at load."""
 
     name: str
     template: Template
@@ -136,7 +137,7 @@ class LogFormat:
     def __post_init__(self) -> None:
         from forklb.log import line_renderer
 
-        object.__setattr__(self, "render", line_renderer(self.template, self.escape))
+        object.__setattr__(self, "render", line_renderer(self.template, self.escape, end="\n"))
 
 
 @dataclass(frozen=True, slots=True)

@@ -247,6 +247,8 @@ class Worker:
         self.locations: dict[int, LocationRuntime] = {}
         self.matchers: dict[int, LocationMatcher] = {}
         self.access_files: dict[str, AccessLogFile] = {}
+        # id(location) -> its access logs, as (render a line, write it) pairs
+        self.log_writers: dict[int, tuple] = {}
         for server in http.servers:
             self.matchers[id(server)] = LocationMatcher(server.locations)
             for loc in server.locations:
@@ -254,6 +256,8 @@ class Worker:
                 for al in loc.access_log:
                     if al.path not in self.access_files:
                         self.access_files[al.path] = AccessLogFile(al.path)
+                self.log_writers[id(loc)] = tuple(
+                    (al.format.render, self.access_files[al.path].write) for al in loc.access_log)
         self.listeners: dict[tuple[str, int], Listener] = {}
         for listen in self.config.listen_addresses():
             members: list[tuple[Server, tuple[str, ...], bool]] = []
@@ -368,8 +372,8 @@ class Worker:
     def access_log(self, ex) -> None:
         self.stats.request(ex)
         loc = ex.location or ex.conn.listener.fallback
-        for al in loc.access_log:
-            self.access_files[al.path].write(al.format.render(ex) + "\n")
+        for render, write in self.log_writers[id(loc)]:
+            write(render(ex))
 
     # -- stopping --
     def graceful_stop(self) -> None:

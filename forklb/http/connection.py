@@ -30,7 +30,7 @@ from forklb.http import internal, protocol, sockio, splice
 from forklb.http.routing import BadHost, BadPath, normalize_path, split_host
 from forklb.http.validate import LOWERED_NAMES as _LOWERED
 from forklb.http.validate import ChunkScanner, Invalid, lowered_name, transfer_coding
-from forklb.http.variables import NOTED_HEADERS
+from forklb.http.variables import NOTED_HEADERS, NOTED_NAMES
 from forklb.model import access_allows
 
 if TYPE_CHECKING:
@@ -137,8 +137,8 @@ class Exchange:
 
     @property
     def request_line(self) -> str:
-        method = (self.request_method_b or self.method_b).decode("latin-1")
-        return f"{method} {self.target} HTTP/{self.version}"
+        method = self.request_method_b or self.method_b
+        return f"{method.decode('latin-1')} {self.target_raw.decode('latin-1')} HTTP/{self.version}"
 
     @property
     def remote_addr(self) -> str:
@@ -197,10 +197,10 @@ class Exchange:
 
     def header(self, name: str) -> str:
         """Request header ``name`` (lower-case), repeated values joined by ", "."""
-        wanted = name.encode("latin-1")
-        if wanted in NOTED_HEADERS:  # noted while parsing
+        if name in NOTED_NAMES:  # noted while parsing
             found = self.header_map
             return found.get(name, "") if found is not None else ""
+        wanted = name.encode("latin-1")
         values = [v for n, v in self.headers if n.lower() == wanted]
         return b", ".join(values).decode("latin-1")
 

@@ -51,44 +51,65 @@ def _request_time(r: Any) -> str:
     return f"{time.time() - r.start_time:.3f}"
 
 
+# Variables that are attributes of the request context: text, or a number shown in
+# decimal.  Their getters are made from these tables, and the access-log renderer
+# (forklb.log.line_renderer) reads the same attributes inline (see inline_form).
+TEXT_ATTRIBUTES: dict[str, str] = {
+    "host": "host", "remote_addr": "remote_addr", "request": "request_line",
+    "request_method": "method", "request_uri": "target", "uri": "uri", "document_uri": "uri",
+    "args": "args", "query_string": "args", "scheme": "scheme", "https": "https",
+    "ssl_protocol": "ssl_protocol", "ssl_cipher": "ssl_cipher",
+    "ssl_server_name": "ssl_server_name", "server_protocol": "protocol",
+    "server_addr": "server_addr", "server_name": "server_name", "proxy_host": "proxy_host",
+    "upstream_addr": "upstream_addr", "upstream_status": "upstream_status",
+    "upstream_response_time": "upstream_response_time",
+    "upstream_connect_time": "upstream_connect_time",
+}
+NUMBER_ATTRIBUTES: dict[str, str] = {
+    "remote_port": "remote_port", "server_port": "server_port", "status": "status",
+    "body_bytes_sent": "body_bytes_sent", "bytes_sent": "bytes_sent", "pid": "pid",
+    "connection": "connection_id", "connection_requests": "connection_requests",
+}
+
+
+def _number_getter(attribute: str) -> Getter:
+    get = attrgetter(attribute)
+    return lambda r: str(get(r))
+
+
+def _remote_user(r: Any) -> str:
+    return ""  # no authentication module: always empty, as nginx without auth_basic
+
+
 VARIABLES: dict[str, Getter] = {
-    "host": attrgetter("host"),
-    "remote_addr": attrgetter("remote_addr"),
-    "remote_port": lambda r: str(r.remote_port),
-    "remote_user": lambda r: "",
-    "request": attrgetter("request_line"),
-    "request_method": attrgetter("method"),
-    "request_uri": attrgetter("target"),
-    "uri": attrgetter("uri"),
-    "document_uri": attrgetter("uri"),
-    "args": attrgetter("args"),
-    "query_string": attrgetter("args"),
-    "scheme": attrgetter("scheme"),
-    "https": attrgetter("https"),
-    "ssl_protocol": attrgetter("ssl_protocol"),
-    "ssl_cipher": attrgetter("ssl_cipher"),
-    "ssl_server_name": attrgetter("ssl_server_name"),
-    "server_protocol": attrgetter("protocol"),
-    "server_port": lambda r: str(r.server_port),
-    "server_addr": attrgetter("server_addr"),
-    "server_name": attrgetter("server_name"),
-    "proxy_host": attrgetter("proxy_host"),
+    **{name: attrgetter(attribute) for name, attribute in TEXT_ATTRIBUTES.items()},
+    **{name: _number_getter(attribute) for name, attribute in NUMBER_ATTRIBUTES.items()},
+    "remote_user": _remote_user,
     "proxy_add_x_forwarded_for": _proxy_add_x_forwarded_for,
-    "status": lambda r: str(r.status),
-    "body_bytes_sent": lambda r: str(r.body_bytes_sent),
-    "bytes_sent": lambda r: str(r.bytes_sent),
     "request_time": _request_time,
-    "upstream_addr": attrgetter("upstream_addr"),
-    "upstream_status": attrgetter("upstream_status"),
-    "upstream_response_time": attrgetter("upstream_response_time"),
-    "upstream_connect_time": attrgetter("upstream_connect_time"),
     "time_local": _time_local,
     "time_iso8601": _time_iso8601,
     "msec": lambda r: f"{time.time():.3f}",
-    "pid": lambda r: str(r.pid),
-    "connection": lambda r: str(r.connection_id),
-    "connection_requests": lambda r: str(r.connection_requests),
 }
+
+# getter -> ("text" | "number", attribute), for inline_form
+_ATTRIBUTE_OF: dict[Getter, tuple[str, str]] = {
+    **{VARIABLES[name]: ("text", attribute) for name, attribute in TEXT_ATTRIBUTES.items()},
+    **{VARIABLES[name]: ("number", attribute) for name, attribute in NUMBER_ATTRIBUTES.items()},
+}
+
+
+def inline_form(get: Getter) -> tuple[str, str] | None:
+    """How ``get`` can be read without calling it, for code built at load time:
+    ``("text", attribute)`` or ``("number", attribute)`` of the request context,
+    ``("header", name)`` for ``r.header(name)``, ``("empty", "")`` for a value that
+    is always empty; None when it has to be called."""
+    if get is _remote_user:
+        return ("empty", "")
+    header = getattr(get, "header", None)
+    if header is not None:
+        return ("header", header)
+    return _ATTRIBUTE_OF.get(get)
 
 
 # The request headers variables read ($http_*, and X-Forwarded-For for
@@ -96,13 +117,20 @@ VARIABLES: dict[str, Getter] = {
 # variable is a dict lookup (forklb.http.connection).  Filled as templates compile,
 # at config load in the master, before workers fork.
 NOTED_HEADERS: set[bytes] = {b"x-forwarded-for"}
+NOTED_NAMES: set[str] = {"x-forwarded-for"}  # the same, as text
 
 
 def _header_getter(name: str) -> Getter:
     """``$http_x_real_ip`` reads request header ``x-real-ip`` (names are lower-case)."""
     header = name.lower().replace("_", "-")
     NOTED_HEADERS.add(header.encode("latin-1"))
-    return lambda r: r.header(header)
+    NOTED_NAMES.add(header)
+
+    def get(r: Any) -> str:
+        return r.header(header)
+
+    get.header = header  # type: ignore[attr-defined]  # see inline_form
+    return get
 
 
 def _arg_getter(name: str) -> Getter:
