@@ -150,6 +150,20 @@ def test_longest_prefix_wins_whatever_the_order() -> None:
         assert [match_name(m, u) for u in ("/x", "/a/x", "/a/b/x")] == ["/", "/a/", "/a/b/"]
 
 
+def test_remembered_matches_agree_and_stay_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """match() remembers the location of the URIs it saw first, up to URIS_KEPT: the
+    answers are _find's, asked again or not, and a scan of new URIs stores no more."""
+    from forklb.http import routing
+
+    monkeypatch.setattr(routing, "URIS_KEPT", 5)
+    m = matcher(Loc("", "/"), Loc("^~", "/static/"), Loc("~", r"\.php$"), Loc("=", "/x"))
+    uris = ["/x", "/static/a.php", "/a.php", "/b", "/x", "/c.php", "/static/", "/x", "/d"]
+    for uri in uris * 2:
+        assert m.match(uri) is m._find(uri)[0], uri
+    assert list(m.seen) == ["/x", "/static/a.php", "/a.php", "/b", "/c.php"]
+    assert matcher(Loc("", "/a")).match("/b") is None  # "no location" is remembered too
+
+
 def test_exact_match_wins_over_everything() -> None:
     m = matcher(Loc("", "/"), Loc("^~", "/x"), Loc("~", "x$"), Loc("=", "/x"))
     assert match_name(m, "/x") == "=/x"

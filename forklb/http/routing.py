@@ -23,6 +23,7 @@ from typing import Any, Generic, Protocol, TypeVar
 from urllib.parse import unquote_to_bytes
 
 _BAD_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
+URIS_KEPT = 4096  # URIs whose location a LocationMatcher remembers
 
 
 class BadPath(ValueError):
@@ -95,10 +96,19 @@ class LocationMatcher(Generic[L]):
                 prefixes.append(loc)
         # Longest first; a stable sort keeps config order among equals.
         self.prefixes = sorted(prefixes, key=lambda loc: -len(loc.pattern))
+        # uri -> its location, for the URIs seen first (a site's working set; the
+        # bound keeps a scan of random URIs from growing it)
+        self.seen: dict[str, L | None] = {}
 
     def match(self, uri: str) -> L | None:
         """The location for normalised ``uri``, or None if nothing matches."""
-        return self._find(uri)[0]
+        seen = self.seen
+        if uri in seen:
+            return seen[uri]
+        found = self._find(uri)[0]
+        if len(seen) < URIS_KEPT:
+            seen[uri] = found
+        return found
 
     def _find(self, uri: str) -> tuple[L | None, bool]:
         """(location, final): final when an exact or a regex location matched."""
