@@ -374,6 +374,14 @@ class ClientConnection:
         """
         feed = self.parser.feed_data
         pos, end = 0, len(data)
+        if (self.chunks is None and not self.body_left and not self.head_tail
+                and data.find(b"\r\n\r\n") == end - 4):
+            # The usual read: one whole header section, nothing after it
+            feed(data)
+            ex = self.parsing
+            if ex is not None and ex.headers_done and not ex.complete:
+                self._body_follows(ex)
+            return
         while pos < end:
             scanner = self.chunks
             if scanner is not None:
@@ -398,13 +406,18 @@ class ClientConnection:
                 pos = cut
                 ex = self.parsing
                 if ex is not None and ex.headers_done and not ex.complete:
-                    if ex.chunked:
-                        self.chunks = ChunkScanner()
-                    elif ex.content_length:
-                        self.body_left = ex.content_length
+                    self._body_follows(ex)
                 continue
             feed(data[pos:pos + n] if pos or n < end else data)
             pos += n
+
+    def _body_follows(self, ex: Exchange) -> None:
+        """``ex``'s header section ended and its body is still to come: follow its
+        framing from here."""
+        if ex.chunked:
+            self.chunks = ChunkScanner()
+        elif ex.content_length:
+            self.body_left = ex.content_length
 
     def _head_end(self, data: bytes, pos: int) -> int:
         """Offset just after the first CRLFCRLF in ``data[pos:]`` (one that began in
