@@ -24,7 +24,15 @@ from harness import free_port
 
 from bench import REPO_ROOT, configs, load, report
 from bench.procs import Managed, raise_nofile
-from bench.proxies import PROXIES, Proxy, make_proxy, start_backends, start_sink, versions
+from bench.proxies import (
+    PROXIES,
+    Proxy,
+    make_proxy,
+    start_backends,
+    start_sink,
+    use_python,
+    versions,
+)
 from bench.scenarios import (
     BY_NAME,
     SCENARIOS,
@@ -60,8 +68,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="where to write the JSON results (default bench/results.json)")
     ap.add_argument("--keep", action="store_true",
                     help="keep the temp dir (configs, logs) even when every proxy ran")
+    ap.add_argument("--python", default=sys.executable,
+                    help="the interpreter that runs forklb (default: this one); it needs "
+                         "forklb's dependencies, see docs/PERFORMANCE.md")
     ap.add_argument("--list", action="store_true", help="list the scenarios and exit")
     args = ap.parse_args(argv)
+    use_python(args.python)
     args.scenarios = _names(args.scenario, [s.name for s in SCENARIOS], "scenario")
     args.proxies = _names(args.proxy, list(PROXIES), "proxy")
     args.duration = args.duration or (3.0 if args.quick else 10.0)

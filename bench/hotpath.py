@@ -32,7 +32,7 @@ from harness import free_port
 
 from bench import configs
 from bench.load import require
-from bench.proxies import ForkLBProxy, start_backends
+from bench.proxies import ForkLBProxy, start_backends, use_python
 
 SYSCALLS = ("recvfrom", "sendto", "epoll_wait", "epoll_ctl", "read", "write", "writev",
             "accept4", "close", "fcntl", "ioctl", "getsockopt", "setsockopt", "mmap",
@@ -119,8 +119,11 @@ def main() -> int:
     ap.add_argument("--clients", type=int, default=10)
     ap.add_argument("--seconds", type=int, default=4, help="perf's window (syscalls)")
     ap.add_argument("--access-log", action="store_true", help="combined access log on")
+    ap.add_argument("--no-metrics", action="store_true", help="FORKLB_METRICS=off")
+    ap.add_argument("--python", default=sys.executable, help="the interpreter that runs forklb")
     args = ap.parse_args()
     args.what = args.what or ["instructions", "syscalls"]
+    use_python(args.python)
     for what in args.what:
         if what not in ("instructions", "syscalls"):
             ap.error(f"unknown count {what!r}: instructions or syscalls")
@@ -131,7 +134,8 @@ def main() -> int:
         for what in args.what:
             params = configs.ProxyParams(
                 port=free_port(), backends=ports, sinks=ports, workers=1,
-                access_log=str(workdir / "access.log") if args.access_log else None)
+                access_log=str(workdir / "access.log") if args.access_log else None,
+                metrics=not args.no_metrics)
             lb = ForkLBProxy("forklb", workdir / what)
             try:
                 print(instructions(lb, params, args) if what == "instructions"

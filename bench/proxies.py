@@ -49,12 +49,14 @@ class Proxy(Managed):
 
 
 class ForkLBProxy(Proxy):
+    python = sys.executable  # the interpreter that runs forklb (use_python)
+
     def prepare(self, params: configs.ProxyParams) -> list[str]:
         conf = self.workdir / "conf" / "forklb.conf"
         conf.parent.mkdir(exist_ok=True)
         (self.workdir / "logs").mkdir(exist_ok=True)
         conf.write_text(configs.forklb_conf(params))
-        return [sys.executable, "-m", "forklb", "-p", str(self.workdir), "-c", str(conf)]
+        return [self.python, "-m", "forklb", "-p", str(self.workdir), "-c", str(conf)]
 
     def env(self, params: configs.ProxyParams) -> dict[str, str]:
         env = python_env()
@@ -118,6 +120,36 @@ def start_sink(workdir: Path, ports: tuple[int, int]) -> Managed:
     return sink
 
 
+def use_python(path: str) -> None:
+    """Run forklb with the interpreter ``path``; exits when it cannot import forklb's
+    dependencies (forklb itself comes from this checkout, on PYTHONPATH)."""
+    check = "import gevent, httptools, configobj, psutil, prometheus_client, setproctitle"
+    try:
+        failed = subprocess.run([path, "-c", check], capture_output=True, text=True,
+                                timeout=60).returncode
+    except OSError as e:
+        raise SystemExit(f"bench: --python {path}: {e.strerror}") from None
+    if failed:
+        raise SystemExit(f"bench: --python {path} lacks forklb's dependencies "
+                         f"(pip install them into it: docs/PERFORMANCE.md)")
+    ForkLBProxy.python = path
+
+
+def _python_build(path: str) -> str:
+    """Version and build of interpreter ``path``: PGO/LTO and a shared libpython make
+    tens of percent of difference to forklb's CPU per request."""
+    probe = ("import sys, sysconfig as s; a = s.get_config_var('CONFIG_ARGS') or ''; "
+             "shared = 'libpython' in open('/proc/self/maps').read(); "
+             "print(sys.version.split()[0], sys.executable, "
+             "'libpython shared' if shared else 'libpython in the executable', "
+             "'--enable-optimizations' if '--enable-optimizations' in a else '')")
+    try:
+        out = subprocess.run([path, "-c", probe], capture_output=True, text=True, timeout=60)
+    except OSError as e:
+        return f"unavailable ({e.strerror})"
+    return out.stdout.strip()
+
+
 def versions() -> dict[str, str]:
     """Versions of the programs involved, for results.json."""
     def first_line(argv: list[str]) -> str:
@@ -133,4 +165,5 @@ def versions() -> dict[str, str]:
         "haproxy": first_line([HAPROXY, "-v"]),
         "wrk": first_line(["wrk", "-v"]),
         "python": sys.version.split()[0],
+        "forklb_python": _python_build(ForkLBProxy.python),
     }
