@@ -175,3 +175,24 @@ def test_clients_outside_allow_get_403(cluster):
         data += chunk
     sock.close()
     assert data.startswith(b"HTTP/1.1 200")
+
+
+def test_retried_attempts_leave_no_connection_counted(nginx_backend_factory, forklb_factory):
+    """A request retried on the next peer (the first refused the connection) releases
+    the peer it tried first: the API shows no connection in use once the requests are
+    answered (least_conn and max_conns read these counts).  The refusing peer is the
+    first one: a release of the wrong index lands on another peer's count."""
+    live = nginx_backend_factory("web01")
+    dead = free_port()  # nothing listens: connect() is refused
+    port, side = free_port(), free_port()
+    conf = CONF.replace("server 127.0.0.1:{b1};", "server 127.0.0.1:{b1} max_fails=0;")
+    lb = forklb_factory(conf.format(side=side, access="", health="", b1=dead, b2=live.port,
+                                    port=port))
+    (lb.prefix / "conf" / "token").write_text(TOKEN + "\n")
+    lb.start(wait_ports=[port, side], workers=2)
+    for _ in range(12):
+        assert http_request(port, "/").status == 200
+    servers = _servers(side)
+    assert servers[f"127.0.0.1:{dead}"]["failures"] >= 1  # retries did happen
+    assert [s["active"] for s in servers.values()] == [0, 0], servers
+    assert servers[f"127.0.0.1:{live.port}"]["requests"] == 12

@@ -270,15 +270,17 @@ def proxy(conn: ClientConnection, ex: Exchange, rt: LocationRuntime) -> None:
         data = b"".join(conn.body_chunks(ex))
         body = [data] if data else []
     started = time.monotonic()
-    index = group.steady_pick()  # the first try's peer, or -1: a Choice decides
+    first = group.steady_pick()  # the first try's peer, or -1: a Choice decides
     choice = None
-    tried = -1  # the steady pick, once it failed
+    index = -1  # the peer of the attempt under way (released by its finally)
     addrs: list[str] = []
     statuses: list[str] = []
     while True:
-        if index < 0:
+        if first >= 0:
+            index, first = first, -1
+        else:
             if choice is None:
-                choice = group.start(ex, tried)
+                choice = group.start(ex, index)  # (index: a steady pick that failed)
             index = choice.next()
             if index is None:
                 conn.worker.log.error(_context("no live upstreams while connecting to upstream",
@@ -300,7 +302,6 @@ def proxy(conn: ClientConnection, ex: Exchange, rt: LocationRuntime) -> None:
                 if nu.decide(rt.next_upstream, e.kind, tries_done=len(addrs), peers=rt.peers,
                              elapsed=time.monotonic() - started, sent=e.sent,
                              method=ex.method_b, body_gone=e.body_consumed):
-                    tried, index = index, -1
                     continue
                 _finish_log(ex, addrs, statuses, started)
                 conn.respond_simple(ex, e.status)
@@ -317,7 +318,6 @@ def proxy(conn: ClientConnection, ex: Exchange, rt: LocationRuntime) -> None:
                                                     len(addrs) > 1)
                     if nu.counts_as_failure(nu.STATUS_FLAGS[resp.status]):
                         group.failed(index)
-                    tried, index = index, -1
                     continue
                 _finish_log(ex, addrs, statuses, started)
                 if tunnel and resp.status == 101:
