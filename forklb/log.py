@@ -185,16 +185,15 @@ def line_renderer(template, escape: str = "default", end: str = ""):
     (nginx's ``not_found`` variables).
 
     The function is generated as Python source (as ``dataclasses`` makes its
-    methods): variables that are attributes of the request or headers are read
-    inline (:func:`forklb.http.variables.inline_form`; headers from the request's
-    ``header_map``, where the worker notes every header a variable names), the
-    others called; numbers
-    skip the escape check; the text values are checked for characters to
-    escape with one check over all of them (the escape sets are single
-    characters, so that equals a check per value) and escaped one by one only
-    when one has such a character; the line is filled into a ``str.format``
-    pattern in one call.  No text from the config goes into the source: header
-    names and getters are passed in by name.
+    methods).  Variables that are attributes of the request are read inline,
+    and so are headers, from the request's ``header_map`` where the worker
+    notes every header a variable names (:func:`forklb.http.variables.inline_form`);
+    the others are called.  Numbers skip the escape check.  The text values are
+    checked for characters to escape with one check over all of them (the
+    escape sets are single characters, so that equals a check per value) and
+    escaped one by one only when one has such a character.  The line is filled
+    into a ``str.format`` pattern in one call.  No text from the config goes
+    into the source: header names and getters are passed in by name.
     """
     table = ESCAPE_TABLES[escape]
     needs = _NEEDS_ESCAPE[escape].search if table is not None else None
@@ -206,6 +205,7 @@ def line_renderer(template, escape: str = "default", end: str = ""):
     texts: list[str] = []  # the variables holding text, which may need escaping
     args: list[str] = []  # what fills the pattern's fields, in order
     names: dict = {"needs": needs, "table": table, "empty": empty}
+    headers = False  # a header is read: the header map is fetched first
     for part in template.parts:
         if isinstance(part, str):
             pattern.append(part.replace("{", "{{").replace("}", "}}"))
@@ -220,8 +220,7 @@ def line_renderer(template, escape: str = "default", end: str = ""):
             names[f"g_{v}"] = part
             body.append(f"{v} = g_{v}(r)")
         elif form[0] == "header":  # noted while parsing (Exchange.header_map)
-            if "hm = r.header_map" not in body:
-                body.insert(0, "hm = r.header_map")
+            headers = True
             names[f"h_{v}"] = form[1]
             body.append(f"{v} = hm.get(h_{v}, '') if hm is not None else ''")
         else:  # an attribute: text or number (an identifier from forklb's own tables)
@@ -232,14 +231,10 @@ def line_renderer(template, escape: str = "default", end: str = ""):
         texts.append(v)
         args.append(f"{v} or empty" if empty else v)
     names["fill"] = ("".join(pattern) + end.replace("{", "{{").replace("}", "}}")).format
+    if headers:
+        body.insert(0, "hm = r.header_map")
     if texts and needs is not None:
-        joined = f"''.join(({', '.join(texts)},))"
-        if needs is _needs_default_escape:  # its test, inline: one call fewer per line
-            body.append(f"t = {joined}")
-            body.append("""if not (t.isascii() and t.isprintable() and '"' not in t """
-                        """and '\\\\' not in t):""")
-        else:
-            body.append(f"if needs({joined}) is not None:")
+        body.append(f"if needs(''.join(({', '.join(texts)},))) is not None:")
         body += [f"    {v} = {v}.translate(table)" for v in texts]
     body.append(f"return fill({', '.join(args)})")
     source = "def render(r):\n" + "".join(f"    {line}\n" for line in body)

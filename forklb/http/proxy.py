@@ -261,10 +261,10 @@ def proxy(conn: ClientConnection, ex: Exchange, rt: LocationRuntime) -> None:
         ex.keep_alive = False
         conn.respond_simple(ex, 411)
         return
-    tunnel = rt.tunnel and wants_tunnel(ex, rt)
+    tunnel = wants_tunnel(ex, rt)
     head = request_head(ex, rt, upstream_uri(ex, rt), tunnel)
     body = None
-    if (ex.chunked or ex.content_length) and ex.complete:
+    if ex.has_body and ex.complete:
         # The whole body came with the head (a small request): it is in memory
         # anyway, so keep it for another attempt, as nginx's buffered bodies are.
         data = b"".join(conn.body_chunks(ex))

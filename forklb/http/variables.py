@@ -102,8 +102,9 @@ _ATTRIBUTE_OF: dict[Getter, tuple[str, str]] = {
 def inline_form(get: Getter) -> tuple[str, str] | None:
     """How ``get`` can be read without calling it, for code built at load time:
     ``("text", attribute)`` or ``("number", attribute)`` of the request context,
-    ``("header", name)`` for ``r.header(name)``, ``("empty", "")`` for a value that
-    is always empty; None when it has to be called."""
+    ``("header", name)`` for request header ``name`` (the worker notes it while
+    parsing: :data:`NOTED_HEADERS`), ``("empty", "")`` for a value that is always
+    empty; None when it has to be called."""
     if get is _remote_user:
         return ("empty", "")
     header = getattr(get, "header", None)
