@@ -228,30 +228,6 @@ class GarbageBackend(SocketBackend):
             pass
 
 
-@pytest.fixture
-def garbage():
-    backend = GarbageBackend()
-    yield backend
-    backend.stop()
-
-
-@pytest.mark.parametrize("listed, expected", [
-    ("", (502, None)),
-    ("proxy_next_upstream invalid_header;", (200, "b")),
-])
-def test_invalid_header_retried_only_when_listed(forklb_factory, nginx_backend_factory,
-                                                 named, garbage, listed, expected):
-    b = named("b")
-    servers = _servers(f"127.0.0.1:{garbage.port} max_fails=0", f"127.0.0.1:{b.port} backup")
-    lb, port = _forklb(forklb_factory, servers, listed)
-    status, body = _outcome(port)
-    assert status == expected[0]
-    if expected[1]:
-        assert body == expected[1]
-    assert "upstream sent invalid header" in lb.error_log()
-    assert _outcome(_nginx(nginx_backend_factory, servers, listed))[0] == expected[0]
-
-
 class BigHeadBackend(SocketBackend):
     """Answers with a response head that never ends: 200 KiB of header lines."""
 
@@ -268,27 +244,35 @@ class BigHeadBackend(SocketBackend):
             pass
 
 
+# An invalid response head: its backend, and forklb's error log message
+BAD_HEADS = {
+    "malformed line": (GarbageBackend, "upstream sent invalid header"),
+    # over 64 KiB (nginx: over proxy_buffer_size), not collected without bound
+    "endless": (BigHeadBackend,
+                "upstream sent too big header while reading response header from upstream"),
+}
+
+
+@pytest.mark.parametrize("head", sorted(BAD_HEADS))
 @pytest.mark.parametrize("listed, expected", [
     ("", (502, None)),
     ("proxy_next_upstream invalid_header;", (200, "b")),
 ])
-def test_endless_response_head_is_refused(forklb_factory, nginx_backend_factory, named,
-                                          listed, expected):
-    """An upstream head over 64 KiB is an invalid header (nginx: over proxy_buffer_size),
-    not collected without bound."""
-    big, b = BigHeadBackend(), named("b")
+def test_invalid_header_retried_only_when_listed(forklb_factory, nginx_backend_factory,
+                                                 named, head, listed, expected):
+    backend, message = BAD_HEADS[head]
+    bad, b = backend(), named("b")
     try:
-        servers = _servers(f"127.0.0.1:{big.port} max_fails=0", f"127.0.0.1:{b.port} backup")
+        servers = _servers(f"127.0.0.1:{bad.port} max_fails=0", f"127.0.0.1:{b.port} backup")
         lb, port = _forklb(forklb_factory, servers, listed)
         status, body = _outcome(port)
         assert status == expected[0]
         if expected[1]:
             assert body == expected[1]
-        assert ("upstream sent too big header while reading response header from upstream"
-                in lb.error_log())
+        assert message in lb.error_log()
         assert _outcome(_nginx(nginx_backend_factory, servers, listed))[0] == expected[0]
     finally:
-        big.stop()
+        bad.stop()
 
 
 @pytest.mark.parametrize("listed, statuses", [
