@@ -16,13 +16,10 @@ gevent) is imported only there, so the master never has a hub.  The worker:
 
 from __future__ import annotations
 
-import array
-import fcntl
 import gc
 import os
 import signal
 import socket as stdlib_socket
-import termios
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -390,11 +387,13 @@ class Worker:
 
     def _close_idle(self) -> None:
         """Close keep-alive connections that have waited a while and have nothing pending."""
+        from forklb.http.sockio import bytes_waiting
+
         now = self.now()
         for conn in list(self.connections):
             if not conn.idle or now - conn.idle_since < IDLE_CLOSE_AFTER:
                 continue
-            if _bytes_waiting(conn.sock):
+            if bytes_waiting(conn.sock):
                 continue  # a request arrived: it is served, with Connection: close
             try:
                 conn.sock.shutdown(stdlib_socket.SHUT_RDWR)
@@ -444,16 +443,6 @@ class Worker:
     def _master_gone(self) -> None:
         self.log.alert("master process exited, worker exiting")
         self.fast_stop()
-
-
-def _bytes_waiting(sock) -> int:
-    """Bytes in ``sock``'s receive buffer, without reading (or blocking)."""
-    try:
-        buf = array.array("i", [0])
-        fcntl.ioctl(sock.fileno(), termios.FIONREAD, buf)
-        return buf[0]
-    except OSError:
-        return 0
 
 
 def run(*args, **kwargs) -> None:

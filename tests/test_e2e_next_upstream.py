@@ -9,12 +9,14 @@ and B only as the next upstream, so each outcome is deterministic. The access lo
 from __future__ import annotations
 
 import socket
+import time
 
 import pytest
 from harness import SocketBackend, free_port, http_request, proxy_block, wait_for
 
 FORKLB = """
 worker_processes 1;
+error_log logs/error.log warn;
 events {{ }}
 http {{
     log_format up '$status "$upstream_addr" "$upstream_status"';
@@ -273,6 +275,64 @@ def test_invalid_header_retried_only_when_listed(forklb_factory, nginx_backend_f
         assert _outcome(_nginx(nginx_backend_factory, servers, listed))[0] == expected[0]
     finally:
         bad.stop()
+
+
+SMUGGLED = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-Smuggled: 1\r\n\r\nEVIL!"
+BIG = 128 * 1024  # over splice.MIN_BODY: relayed without the parser
+PAST_THE_END = {
+    # (the reply, the bytes after it, sent with it or 0.2 s later, its body, the warning)
+    "length": (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", SMUGGLED, 0, "ok",
+               'upstream sent more data than specified in "Content-Length" header'),
+    "chunked": (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n",
+                SMUGGLED, 0, "ok", "upstream sent data after final chunk"),
+    "large": (b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % BIG + b"b" * BIG, SMUGGLED,
+              0, "b" * BIG, 'upstream sent more data than specified in "Content-Length" header'),
+    "while idle": (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", SMUGGLED, 0.2, "ok", None),
+}
+
+
+class PastTheEndBackend(SocketBackend):
+    """Answers every request with a reply followed by bytes it was not asked for."""
+
+    threaded = True
+
+    def __init__(self, mode: str) -> None:
+        self.reply, self.extra, self.later = PAST_THE_END[mode][:3]
+        super().__init__()
+
+    def serve(self, conn: socket.socket, addr: tuple[str, int]) -> None:
+        conn.settimeout(5)
+        try:
+            while conn.recv(65536):
+                if self.later:
+                    conn.sendall(self.reply)
+                    time.sleep(self.later)
+                    conn.sendall(self.extra)
+                else:
+                    conn.sendall(self.reply + self.extra)
+        except OSError:
+            pass
+
+
+@pytest.mark.parametrize("mode", sorted(PAST_THE_END))
+def test_bytes_after_a_response_are_never_served(forklb_factory, nginx_backend_factory, mode):
+    """What an upstream sends past the end of a response (a second reply smuggled
+    behind it, at once or while the connection is idle in the pool) reaches no client:
+    the connection is not reused, and nginx's warning is logged, as nginx does."""
+    backend = PastTheEndBackend(mode)
+    body, warning = PAST_THE_END[mode][3:]
+    try:
+        servers = _servers(f"127.0.0.1:{backend.port}")
+        lb, port = _forklb(forklb_factory, servers, "")
+        for balancer in (port, _nginx(nginx_backend_factory, servers, "")):
+            for _ in range(3):
+                r = http_request(balancer, "/", timeout=10)
+                assert (r.status, r.text, r.header("X-Smuggled")) == (200, body, None)
+                time.sleep(0.3)  # "while idle": the extra bytes arrive in the pool
+        if warning:
+            assert f"{warning} while reading upstream" in lb.error_log()
+    finally:
+        backend.stop()
 
 
 @pytest.mark.parametrize("listed, statuses", [

@@ -67,7 +67,8 @@ class ResponseHead:
     """httptools callbacks for one upstream response."""
 
     __slots__ = ("parser", "reason", "headers", "codings", "headers_done", "complete", "body",
-                 "status", "keep_alive", "head_request", "prefix", "upgrade_rest", "head_bytes")
+                 "status", "keep_alive", "head_request", "prefix", "upgrade_rest", "head_bytes",
+                 "extra")
 
     def __init__(self, head_request: bool):
         self.parser = httptools.HttpResponseParser(self)
@@ -83,8 +84,13 @@ class ResponseHead:
         self.prefix = b""  # the reply's first bytes, until they show "HTTP/"
         self.upgrade_rest: bytes | None = None  # after a 101 head: the tunnel's first bytes
         self.head_bytes = 0  # read before the head was complete
+        self.extra = False  # bytes came after the response: its connection is not reused
 
     def on_message_begin(self) -> None:
+        if self.complete:
+            # More than the response's framing said: not read as another response
+            # (it would be served to this request), the parse stops here (feed).
+            raise _PastTheEnd
         self.reason = b""
         self.headers = []
         self.codings = []
@@ -145,11 +151,18 @@ class ResponseHead:
             self.upgrade_rest = data[e.args[0]:]
             self.complete = True
         except httptools.HttpParserError as e:
+            if isinstance(e.__context__, _PastTheEnd):
+                self.extra = True
+                return
             if isinstance(e.__context__, Invalid):
                 raise e.__context__ from None
             raise
         if not self.headers_done and self.head_bytes > HEAD_MAX:
             raise Invalid(502, "upstream sent too big header")
+
+
+class _PastTheEnd(Exception):
+    """Raised in ResponseHead's callbacks when a reply goes on after its end."""
 
 
 def wants_tunnel(ex: Exchange, rt: LocationRuntime) -> bool:
@@ -373,6 +386,11 @@ def _try_peer(conn: ClientConnection, ex: Exchange, rt: LocationRuntime, group: 
     connection if there is one, again on a fresh connection if that one turns
     out to be closed."""
     sock = None if tunnel else group.take_idle(index)
+    while sock is not None and sock.ready:
+        # Readable while idle: closed by the server, or holding bytes nobody asked
+        # for. Either way not reused (nginx closes such a cached connection at once).
+        sock.close()
+        sock = group.take_idle(index)
     while True:
         reused = sock is not None
         try:
@@ -498,7 +516,7 @@ def _relay_response(conn: ClientConnection, ex: Exchange, rt: LocationRuntime,
         conn.send(b"".join((head, *body)) if body else head)
         ex.body_bytes_sent = sent
         ex.bytes_sent = len(head) + sent
-        return resp.keep_alive
+        return resp.keep_alive if not resp.extra else _past_the_end(conn, ex, resp)
     head_len = len(head)
     out = [head]
     # A large Content-Length body skips the parser once what came with the head is
@@ -547,7 +565,18 @@ def _relay_response(conn: ClientConnection, ex: Exchange, rt: LocationRuntime,
             break
     ex.body_bytes_sent = sent
     ex.bytes_sent = head_len + sent
+    if resp.extra:
+        return _past_the_end(conn, ex, resp)
     return resp.complete and resp.keep_alive and not close_delimited
+
+
+def _past_the_end(conn: ClientConnection, ex: Exchange, resp: ResponseHead) -> bool:
+    """The upstream sent bytes after the response: nginx's warning; the connection
+    is not reused (False), since what it holds next is not a reply to anything."""
+    what = ("data after final chunk" if resp.codings
+            else 'more data than specified in "Content-Length" header')
+    conn.worker.log.warn(_context(f"upstream sent {what} while reading upstream", conn, ex, None))
+    return False
 
 
 def _response_head(conn: ClientConnection, ex: Exchange, rt: LocationRuntime,
@@ -630,8 +659,10 @@ def _relay_body(conn: ClientConnection, ex: Exchange, rt: LocationRuntime,
         conn.worker.log.error(_context(f"{what} while reading upstream", conn, ex, None))
         conn.must_close = True
         return e.moved
-    # The parser never sees these bytes; the connection is not reused through it.
+    # The parser never sees these bytes: what waits after them is checked here.
     resp.complete = True
+    resp.extra = sockio.bytes_waiting(sock) > 0
+    stream.rearm()
     return moved
 
 

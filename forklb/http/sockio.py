@@ -16,6 +16,10 @@ keeps gevent's methods (:class:`forklb.http.tls.TlsConnection`).
 
 from __future__ import annotations
 
+import array
+import fcntl
+import termios
+
 from greenlet import getcurrent
 
 RECV_SIZE = 65536
@@ -60,6 +64,16 @@ def send_all(sock, data: bytes, timeout: float | None) -> None:
             sent += raw.send(view[sent:])
         except BlockingIOError:
             pass
+
+
+def bytes_waiting(sock) -> int:
+    """Bytes in ``sock``'s receive buffer, without reading (or blocking)."""
+    try:
+        buf = array.array("i", [0])
+        fcntl.ioctl(sock.fileno(), termios.FIONREAD, buf)
+        return buf[0]
+    except OSError:
+        return 0
 
 
 class _ClosedWatcher:
@@ -168,6 +182,13 @@ class Stream:
 
     def send_all(self, data: bytes, timeout: float | None) -> None:
         send_all(self.sock, data, timeout)
+
+    def rearm(self) -> None:
+        """Forget readiness noticed while the socket was read without the Stream
+        (splice, copy): the watcher starts again and reports what is still there."""
+        if self.ready:
+            self.ready = False
+            self.watcher.start(self._readable)
 
     def pause(self) -> None:
         """Stop watching (the socket is watched elsewhere for a while: parked)."""
