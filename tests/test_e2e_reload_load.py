@@ -18,6 +18,9 @@ error_log logs/error.log notice;
 events {{ worker_connections 1024; }}
 http {{
     access_log off;
+    # no client reconnects during a test (nginx's default closes every 1000 requests):
+    # a connection opened just as a worker is killed would be counted by no snapshot
+    keepalive_requests 100000;
     upstream www_pools {{
         server 127.0.0.1:{b1} weight={w1};
         server 127.0.0.1:{b2} weight=1;
