@@ -64,17 +64,31 @@ HEAD_MAX = 64 * 1024
 
 
 class ResponseHead:
-    """httptools callbacks for one upstream response."""
+    """httptools callbacks for one upstream response.
 
-    __slots__ = ("parser", "reason", "headers", "codings", "headers_done", "complete", "body",
-                 "status", "keep_alive", "head_request", "prefix", "upgrade_rest", "head_bytes",
-                 "extra")
+    The header lines are sorted as they arrive: a hidden one (framing, hop-by-hop,
+    ``proxy_hide_header``) is noted for what it says, any other goes straight into
+    ``lines``, the part of the client's head that is relayed as it came.
+    """
 
-    def __init__(self, head_request: bool):
+    __slots__ = ("parser", "reason", "hidden", "passed", "lines", "content_length", "listed",
+                 "relayed_own", "raw", "codings", "headers_done", "complete", "body", "status",
+                 "keep_alive", "head_request", "prefix", "upgrade_rest", "head_bytes", "extra")
+
+    def __init__(self, head_request: bool, hidden: frozenset[bytes], passed: frozenset[bytes],
+                 keep_raw: bool = False):
         self.parser = httptools.HttpResponseParser(self)
         self.head_request = head_request
+        self.hidden = hidden  # the location's hidden names (LocationRuntime.hidden)
+        self.passed = passed  # Server/Date when proxy_pass_header lets them through
+        self.raw: list[tuple[bytes, bytes]] | None = [] if keep_raw else None  # a tunnel's
         self.reason = b""
-        self.headers: list[tuple[bytes, bytes]] = []
+        # [status line (set by _response_head), then name, ": ", value, CRLF of each
+        # relayed header]
+        self.lines: list[bytes] = [b""]
+        self.content_length: int | None = None
+        self.listed: frozenset[bytes] = frozenset()  # names the Connection header lists
+        self.relayed_own: set[bytes] | None = None  # Server/Date relayed from the upstream
         self.codings: list[bytes] = []  # Transfer-Encoding values
         self.headers_done = False
         self.complete = False
@@ -91,9 +105,15 @@ class ResponseHead:
             # More than the response's framing said: not read as another response
             # (it would be served to this request), the parse stops here (feed).
             raise _PastTheEnd
+        # (a final response after an interim 1xx one starts afresh)
         self.reason = b""
-        self.headers = []
+        self.lines = [b""]
+        self.content_length = None
+        self.listed = frozenset()
+        self.relayed_own = None
         self.codings = []
+        if self.raw is not None:
+            self.raw = []
         self.headers_done = False
         self.complete = False
 
@@ -101,9 +121,22 @@ class ResponseHead:
         self.reason += status
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers.append((name, value))
-        if len(name) == 17 and name.lower() == b"transfer-encoding":
-            self.codings.append(value)
+        lname = name.lower()
+        if lname in self.hidden:
+            if lname == b"content-length":  # (llhttp has checked its digits)
+                self.content_length = int(value)
+            elif lname == b"connection":  # every Connection line counts
+                self.listed = self.listed | protocol.connection_tokens([value])
+            elif lname == b"transfer-encoding":
+                self.codings.append(value)
+        else:
+            if lname in self.passed:
+                if self.relayed_own is None:
+                    self.relayed_own = set()
+                self.relayed_own.add(lname)
+            self.lines += (name, b": ", value, b"\r\n")
+        if self.raw is not None:
+            self.raw.append((name, value))
 
     def on_headers_complete(self) -> None:
         self.status = self.parser.get_status_code()
@@ -461,7 +494,7 @@ def _attempt(conn: ClientConnection, ex: Exchange, rt: LocationRuntime, sock: so
                 send_all(protocol.LAST_CHUNK, timeout)
         phase = "reading response header from upstream"
         timeout = rt.read_timeout
-        resp = ResponseHead(ex.method_b == b"HEAD")
+        resp = ResponseHead(ex.method_b == b"HEAD", rt.hidden, rt.passed, tunnel)
         while not resp.headers_done:
             data = sock.recv(timeout)
             if not data:
@@ -585,26 +618,12 @@ def _response_head(conn: ClientConnection, ex: Exchange, rt: LocationRuntime,
     re-encoded, "close"-delimited or "none") and the upstream's Content-Length.
     Decides keep-alive: ``conn.must_close`` is set when the connection ends."""
     reason = resp.reason if status == resp.status else b""
-    out = [b"HTTP/1.1 %d %s\r\n" % (status, reason or protocol.reason(status))]
-    hidden = rt.hidden
-    passed = rt.passed
-    content_length = None
-    listed: frozenset[bytes] = frozenset()
-    relayed_own: set[bytes] = set()  # Server/Date from upstream (proxy_pass_header)
-    for name, value in resp.headers:
-        lname = name.lower()
-        if lname in hidden:
-            if lname == b"content-length":
-                content_length = int(value)
-            elif lname == b"connection":  # every Connection line counts
-                listed = listed | protocol.connection_tokens([value])
-            continue
-        if passed and lname in passed:
-            relayed_own.add(lname)
-        out += (name, b": ", value, b"\r\n")
-    _add_own_headers(out, relayed_own, conn.worker.date)
-    if listed:
-        out = [_strip_listed(b"".join(out), listed)]
+    out = resp.lines
+    out[0] = b"HTTP/1.1 %d %s\r\n" % (status, reason or protocol.reason(status))
+    content_length = resp.content_length
+    _add_own_headers(out, resp.relayed_own, conn.worker.date)
+    if resp.listed:
+        out = [_strip_listed(b"".join(out), resp.listed)]
     if ex.method_b == b"HEAD" or status == 204 or status == 304:
         mode = "none"
         if content_length is not None:
@@ -666,7 +685,8 @@ def _relay_body(conn: ClientConnection, ex: Exchange, rt: LocationRuntime,
     return moved
 
 
-def _add_own_headers(out: list[bytes], relayed_own: set[bytes], date: protocol.HttpDate) -> None:
+def _add_own_headers(out: list[bytes], relayed_own: set[bytes] | None,
+                     date: protocol.HttpDate) -> None:
     """forklb's Server and Date, unless the upstream's own were passed (proxy_pass_header)."""
     if not relayed_own:
         out.append(date.own_header_lines())  # both lines, made once per second
@@ -683,7 +703,7 @@ def tunnel_head(resp: ResponseHead, rt: LocationRuntime, date: protocol.HttpDate
     Server and Date unless passed, and ``Connection: upgrade``."""
     out = [b"HTTP/1.1 101 ", resp.reason or protocol.reason(101), b"\r\n"]
     relayed_own = set()
-    for name, value in resp.headers:
+    for name, value in resp.raw or ():
         lname = name.lower()
         if lname in rt.hidden and lname != b"upgrade":
             continue
