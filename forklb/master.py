@@ -64,6 +64,7 @@ BOOT_BACKOFF_MAX = 5.0
 YOUNG = 1.0  # a child that dies younger than this counts towards back-off
 TICK = 0.5
 PENDING_BOOT_TIMEOUT = 30.0  # a reload's workers must all be ready within this
+FORK_RETRY = 1.0  # after a failed fork() of a running generation's child
 
 
 class StartupError(Exception):
@@ -403,7 +404,7 @@ class Master:
                 del self.respawn_due[key]
                 role_name, slot = key
                 role = next(r for r in ROLES if r.name == role_name)
-                self._spawn(role, slot, self.generation)
+                self._spawn_or_retry(role, slot)
         timeout = self.config.main.worker_timeout
         for child in list(self.children.values()):
             if child.kill_at is not None and now >= child.kill_at:
@@ -420,16 +421,31 @@ class Master:
                     child.stuck = True
 
     # -- children --
-    def _spawn_generation(self, gen: Generation) -> None:
+    def _spawn_generation(self, gen: Generation) -> bool:
+        """Fork ``gen``'s children.  A failed fork of the running generation's is
+        tried again later; a reload's stops at the first: False."""
         for role in ROLES:
             for slot in range(role.count(gen.config)):
-                self._spawn(role, slot, gen)
+                if gen is self.generation:
+                    self._spawn_or_retry(role, slot)
+                elif not self._spawn(role, slot, gen):
+                    return False
+        return True
 
-    def _spawn(self, role: Role, slot: int, gen: Generation) -> None:
+    def _spawn(self, role: Role, slot: int, gen: Generation) -> bool:
+        """Fork one child; False if the fork failed (logged, as nginx does)."""
         gen.scoreboard.beat(slot)  # a fresh child starts with a fresh heartbeat
         status_r, status_w = os.pipe()
         self.stats.child_slot = self.stats.acquire(role.name, gen.number)
-        pid = os.fork()
+        try:
+            pid = os.fork()
+        except OSError as e:  # EAGAIN (a process limit), ENOMEM
+            os.close(status_r)
+            os.close(status_w)
+            self.stats.release(self.stats.child_slot)
+            self.log.alert(f'fork() failed while spawning "{role.name} process" '
+                           f"({e.errno}: {e.strerror})")
+            return False
         if pid == 0:  # child
             try:
                 os.close(status_r)
@@ -444,6 +460,13 @@ class Master:
         self.stats.started(child.stats_slot, pid)
         self.children[pid] = child
         self.selector.register(status_r, selectors.EVENT_READ, child)
+        return True
+
+    def _spawn_or_retry(self, role: Role, slot: int) -> None:
+        """Fork a child of the running generation; when the fork fails, try again
+        FORK_RETRY later (nginx leaves the slot empty until a reload)."""
+        if not self._spawn(role, slot, self.generation):
+            self.respawn_due[(role.name, slot)] = time.monotonic() + FORK_RETRY
 
     def _close_in_child(self) -> None:
         """Drop the master's private descriptors so they die with the master."""
@@ -644,7 +667,9 @@ class Master:
         self.pending = Generation(self.generations_started, config)
         self.pending_deadline = time.monotonic() + PENDING_BOOT_TIMEOUT
         self.log.notice(f"starting generation {self.pending.number}")
-        self._spawn_generation(self.pending)
+        if not self._spawn_generation(self.pending):
+            self.log.emerg("new workers failed to start; keeping the running configuration")
+            self._abandon_pending()
 
     def _abandon_pending(self) -> None:
         gen = self.pending
@@ -709,7 +734,13 @@ class Master:
         # Per-slot sockets too, slot 0 first: the new master takes them in this order.
         env[systemd.INHERIT_ENV] = ";".join(str(s.fileno()) for s in self._all_sockets())
         argv = [sys.executable, *sys.orig_argv[1:]]
-        pid = os.fork()
+        try:
+            pid = os.fork()
+        except OSError as e:
+            self.log.alert(f"fork() failed while spawning the new binary process "
+                           f"({e.errno}: {e.strerror}), upgrade cancelled")
+            self._restore_pid_file()
+            return
         if pid == 0:
             try:
                 signal.set_wakeup_fd(-1)
@@ -723,6 +754,10 @@ class Master:
         self.log.alert(f"new binary process {self.new_master} exited "
                        f"{_describe_status(status)}; this master keeps serving")
         self.new_master = None
+        self._restore_pid_file()
+
+    def _restore_pid_file(self) -> None:
+        """The upgrade is over without a new master: the ".oldbin" pid file goes back."""
         try:
             os.rename(self.pid_path, self.config.main.pid)
             self.pid_path = self.config.main.pid

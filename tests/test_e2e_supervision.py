@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import psutil
 from harness import free_port, http_request, pid_alive, proxy_conf, wait_for
@@ -125,3 +126,63 @@ def test_unwritable_error_log_is_a_clear_error(forklb_factory, py_backend_factor
     assert r.returncode == 1
     assert r.stderr.strip() == ('forklb: [emerg] open() "/proc/forklb/error.log" failed '
                                 "(2: No such file or directory)")
+
+
+def _pids_cgroup(name: str) -> Path:
+    """A new cgroup of the pids controller (v1 or v2), for a test to put a process tree
+    in and limit its forks; it must exist here, so no pids controller is a failure."""
+    for root in (Path("/sys/fs/cgroup/pids"), Path("/sys/fs/cgroup")):
+        if (root / "cgroup.procs").exists() and (
+                root.name == "pids" or "pids" in _read(root / "cgroup.subtree_control")):
+            group = root / name
+            group.mkdir()
+            return group
+    raise AssertionError("no pids cgroup controller (v1 /sys/fs/cgroup/pids or v2 with pids "
+                         "enabled) to limit forks with")
+
+
+def _read(path: Path) -> str:
+    return path.read_text() if path.exists() else ""
+
+
+def test_failed_fork_is_logged_and_tried_again(forklb_factory, py_backend_factory):
+    """fork() failing (EAGAIN: a process limit, here a cgroup's pids.max) costs the
+    master nothing: nginx's alert, the slot tried again each second, a reload refused."""
+    backend = py_backend_factory("name", name="b1")
+    port = free_port()
+    lb = forklb_factory(proxy_conf(port=port, backend=backend.port, workers=2))
+    group = _pids_cgroup(f"forklb-test-{os.getpid()}-{port}")
+    try:
+        # The master starts inside the group (its tasks, threads included, count there).
+        lb._spawn(["sh", "-c", f'echo $$ > {group}/cgroup.procs && exec "$@"', "sh", *lb.argv()],
+                  env=lb._env())
+        lb._wait_ready([port], 10)
+        victim, other = lb.wait_workers(2)
+        wait_for(lambda: "all workers ready" in lb.error_log(), timeout=10)
+        tasks = int((group / "pids.current").read_text())
+        (group / "pids.max").write_text(f"{tasks - 1}\n")  # room for all but one task
+        os.kill(victim, signal.SIGKILL)
+        alert = ('fork() failed while spawning "worker process" '
+                 "(11: Resource temporarily unavailable)")
+        wait_for(lambda: lb.error_log().count(alert) >= 2, timeout=5,
+                 message=lambda: f"no retried fork alert:\n{lb.error_log()}")
+        assert lb.running and lb.worker_pids() == [other]
+        assert http_request(port).text == "b1\n"  # the other worker serves meanwhile
+
+        # A reload (a new generation, same config) whose workers cannot be forked
+        # keeps the running one.
+        os.kill(lb.master_pid, signal.SIGHUP)
+        wait_for(lambda: "new workers failed to start; keeping the running configuration"
+                 in lb.error_log(), timeout=10, message=lambda: lb.error_log())
+        assert lb.worker_pids() == [other]
+
+        (group / "pids.max").write_text("max\n")  # the limit lifted: the slot refills
+        new = wait_for(lambda: [p for p in lb.worker_pids() if p != other], timeout=5,
+                       message=lambda: f"no worker forked again:\n{lb.error_log()}")
+        assert other in lb.worker_pids() and victim not in new
+        wait_for(lambda: all(http_request(port).text == "b1\n" for _ in range(4)), timeout=5)
+    finally:
+        lb.stop()
+        wait_for(lambda: not _read(group / "cgroup.procs").strip(), timeout=10,
+                 message=lambda: f"tasks left in {group}: {_read(group / 'cgroup.procs')}")
+        group.rmdir()

@@ -126,7 +126,9 @@ class ResponseHead:
             if lname == b"content-length":  # (llhttp has checked its digits)
                 self.content_length = int(value)
             elif lname == b"connection":  # every Connection line counts
-                self.listed = self.listed | protocol.connection_tokens([value])
+                tokens = protocol.connection_tokens([value])
+                if tokens:  # (the usual keep-alive or close names no header)
+                    self.listed = self.listed | tokens
             elif lname == b"transfer-encoding":
                 self.codings.append(value)
         else:
