@@ -117,6 +117,27 @@ def test_upstream_keepalive_connection_is_reused(forklb_factory, echo):
     assert len(clients) == 1, clients
 
 
+def test_one_pooled_connection_carries_every_kind_of_response(forklb_factory, echo):
+    """A pooled connection's reader goes on from one reply to the next, and is
+    replaced after one llhttp did not see to its end (to a HEAD request, a body
+    relayed past the parser): every answer is whole, all over one connection."""
+    lb, port = _start(forklb_factory, [echo.port])
+    steps = [("GET", "/?__size=10", 10), ("HEAD", "/?__size=1000", 1000),
+             ("GET", "/?__size=20", 20), ("GET", "/?__size=300000", 300_000),
+             ("GET", "/?__chunked=1&__size=5000", 5000), ("GET", "/?__size=30", 30),
+             ("HEAD", "/?__size=40", 40), ("HEAD", "/?__size=50", 50),
+             ("GET", "/?__size=60", 60)]
+    with HttpClient(port, host="www.example.com") as c:
+        first = c.get("/").json()["client"]
+        for method, path, size in steps:
+            r = c.request(method, path)
+            assert r.status == 200, (method, path)
+            assert len(r.body) == (0 if method == "HEAD" else size), (method, path)
+            if method == "HEAD":
+                assert r.header("content-length") == str(size)
+        assert c.get("/").json()["client"] == first
+
+
 def test_refused_upstream_gives_502_and_worker_keeps_serving(forklb_factory):
     dead = free_port()
     lb, port = _start(forklb_factory, [dead])

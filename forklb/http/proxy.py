@@ -64,32 +64,35 @@ HEAD_MAX = 64 * 1024
 
 
 class ResponseHead:
-    """httptools callbacks for one upstream response.
+    """httptools callbacks for the responses on one upstream connection.
 
-    The header lines are sorted as they arrive: a hidden one (framing, hop-by-hop,
-    ``proxy_hide_header``) is noted for what it says, any other goes straight into
-    ``lines``, the part of the client's head that is relayed as it came.
+    One reader serves a pooled connection's successive responses (:meth:`next`),
+    as long as llhttp saw each one to its end (``reusable``); after a reply it did
+    not see whole (to a HEAD request, a body relayed without it, an error) the
+    next one gets a fresh reader.  The header lines are sorted as they arrive:
+    a hidden one (framing, hop-by-hop, ``proxy_hide_header``) is noted for what
+    it says, any other goes straight into ``lines``, the part of the client's
+    head that is relayed as it came.
     """
 
     __slots__ = ("parser", "reason", "hidden", "passed", "lines", "content_length", "listed",
                  "relayed_own", "raw", "codings", "headers_done", "complete", "body", "status",
-                 "keep_alive", "head_request", "prefix", "upgrade_rest", "head_bytes", "extra")
+                 "keep_alive", "head_request", "prefix", "upgrade_rest", "head_bytes", "extra",
+                 "reusable")
 
     def __init__(self, head_request: bool, hidden: frozenset[bytes], passed: frozenset[bytes],
                  keep_raw: bool = False):
         self.parser = httptools.HttpResponseParser(self)
+        self.next(head_request, hidden, passed, keep_raw)
+        self.on_message_begin()  # (llhttp calls it too, before the first header)
+
+    def next(self, head_request: bool, hidden: frozenset[bytes], passed: frozenset[bytes],
+             keep_raw: bool = False) -> None:
+        """Get ready for the connection's next response (to a HEAD request: no body)."""
         self.head_request = head_request
         self.hidden = hidden  # the location's hidden names (LocationRuntime.hidden)
         self.passed = passed  # Server/Date when proxy_pass_header lets them through
         self.raw: list[tuple[bytes, bytes]] | None = [] if keep_raw else None  # a tunnel's
-        self.reason = b""
-        # [status line (set by _response_head), then name, ": ", value, CRLF of each
-        # relayed header]
-        self.lines: list[bytes] = [b""]
-        self.content_length: int | None = None
-        self.listed: frozenset[bytes] = frozenset()  # names the Connection header lists
-        self.relayed_own: set[bytes] | None = None  # Server/Date relayed from the upstream
-        self.codings: list[bytes] = []  # Transfer-Encoding values
         self.headers_done = False
         self.complete = False
         self.body: list[bytes] = []
@@ -99,6 +102,7 @@ class ResponseHead:
         self.upgrade_rest: bytes | None = None  # after a 101 head: the tunnel's first bytes
         self.head_bytes = 0  # read before the head was complete
         self.extra = False  # bytes came after the response: its connection is not reused
+        self.reusable = False  # llhttp saw the response end: ready for the next one
 
     def on_message_begin(self) -> None:
         if self.complete:
@@ -107,15 +111,16 @@ class ResponseHead:
             raise _PastTheEnd
         # (a final response after an interim 1xx one starts afresh)
         self.reason = b""
-        self.lines = [b""]
-        self.content_length = None
-        self.listed = frozenset()
-        self.relayed_own = None
-        self.codings = []
+        # [status line (set by _response_head), then name, ": ", value, CRLF of each
+        # relayed header]
+        self.lines: list[bytes] = [b""]
+        self.content_length: int | None = None
+        self.listed: frozenset[bytes] = frozenset()  # names the Connection header lists
+        self.relayed_own: set[bytes] | None = None  # Server/Date relayed from the upstream
+        self.codings: list[bytes] = []  # Transfer-Encoding values
         if self.raw is not None:
             self.raw = []
         self.headers_done = False
-        self.complete = False
 
     def on_status(self, status: bytes) -> None:
         self.reason += status
@@ -160,10 +165,12 @@ class ResponseHead:
     def on_message_complete(self) -> None:
         if self.headers_done:
             self.complete = True
+            self.reusable = True
 
     def release(self) -> None:
         """Break the reference cycle with the parser (which holds this object for
-        its callbacks), so the pair is freed at once, not by the cyclic collector."""
+        its callbacks), so the pair is freed at once, not by the cyclic collector
+        (by :meth:`forklb.http.sockio.Stream.close`)."""
         self.parser = None
 
     def feed(self, data: bytes) -> None:
@@ -359,7 +366,6 @@ def proxy(conn: ClientConnection, ex: Exchange, rt: LocationRuntime) -> None:
                         rt.next_upstream, resp.status, len(addrs), rt.peers, started, ex,
                         body is not None):
                     # Nothing went to the client: drop the response with its connection.
-                    resp.release()
                     sock.close()
                     statuses.append(str(resp.status))
                     conn.worker.stats.upstream_done(group, index, resp.status, started,
@@ -373,13 +379,11 @@ def proxy(conn: ClientConnection, ex: Exchange, rt: LocationRuntime) -> None:
                     # max_conns) for as long as it lasts.
                     ex.upstream_status = ", ".join([*statuses, "101"])
                     _relay_tunnel(conn, ex, rt, sock, resp)
-                    resp.release()
                     relayed = False  # a tunnelled connection is never reused
                 else:
                     group.release(index)
                     released = True
                     relayed = _relay_response(conn, ex, rt, sock, resp)
-                    resp.release()
                     if statuses:
                         ex.upstream_status = ", ".join([*statuses, ex.upstream_status])
             except BaseException:
@@ -496,7 +500,14 @@ def _attempt(conn: ClientConnection, ex: Exchange, rt: LocationRuntime, sock: so
                 send_all(protocol.LAST_CHUNK, timeout)
         phase = "reading response header from upstream"
         timeout = rt.read_timeout
-        resp = ResponseHead(ex.method_b == b"HEAD", rt.hidden, rt.passed, tunnel)
+        resp = sock.reader
+        if resp is not None and resp.reusable:
+            resp.next(ex.method_b == b"HEAD", rt.hidden, rt.passed, tunnel)
+        else:
+            if resp is not None:
+                resp.release()
+            resp = sock.reader = ResponseHead(ex.method_b == b"HEAD", rt.hidden, rt.passed,
+                                              tunnel)
         while not resp.headers_done:
             data = sock.recv(timeout)
             if not data:

@@ -112,7 +112,8 @@ class Stream:
     remembers it, and the next wait returns at once.
     """
 
-    __slots__ = ("sock", "raw", "hub", "watcher", "waiter", "ready", "timer", "timer_after")
+    __slots__ = ("sock", "raw", "hub", "watcher", "waiter", "ready", "timer", "timer_after",
+                 "reader")
 
     def __init__(self, sock):
         self.sock = sock
@@ -125,6 +126,9 @@ class Stream:
         # one timeout; another timeout makes another timer)
         self.timer = None
         self.timer_after = -1.0
+        # The parser of this connection's replies, kept from one to the next
+        # (forklb.http.proxy.ResponseHead); closing releases it.
+        self.reader = None
         self.watcher.start(self._readable)
 
     def _readable(self) -> None:
@@ -209,4 +213,7 @@ class Stream:
         if self.timer is not None:
             self.timer.close()
             self.timer = None
+        if self.reader is not None:
+            self.reader.release()
+            self.reader = None
         self.sock.close()
