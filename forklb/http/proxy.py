@@ -552,7 +552,7 @@ def _relay_response(conn: ClientConnection, ex: Exchange, rt: LocationRuntime,
         status = ex.err_status  # an error page keeps the error's status
     ex.status = status
     ex.upstream_status = str(status)
-    head, mode, content_length = _response_head(conn, ex, rt, resp, status)
+    head, mode, content_length = _response_head(conn, ex, resp, status)
     close_delimited = mode != "none" and content_length is None and not resp.codings
     if resp.complete and mode == "length":
         # The usual small response: head and body in one write
@@ -625,9 +625,10 @@ def _past_the_end(conn: ClientConnection, ex: Exchange, resp: ResponseHead) -> b
     return False
 
 
-def _response_head(conn: ClientConnection, ex: Exchange, rt: LocationRuntime,
-                   resp: ResponseHead, status: int) -> tuple[bytes, str, int | None]:
-    """The head sent to the client, how its body is framed ("length", "chunked"
+def _response_head(conn: ClientConnection, ex: Exchange, resp: ResponseHead,
+                   status: int) -> tuple[bytes, str, int | None]:
+    """The head sent to the client (the upstream's relayed lines, sorted by the
+    location's rules as they arrived), how its body is framed ("length", "chunked"
     re-encoded, "close"-delimited or "none") and the upstream's Content-Length.
     Decides keep-alive: ``conn.must_close`` is set when the connection ends."""
     reason = resp.reason if status == resp.status else b""
