@@ -259,6 +259,7 @@ class Main:
     worker_timeout: float = 10.0  # a worker whose loop stalls this long is killed; 0 = never
     user: tuple[int, int, str, str] | None = None  # (uid, gid, user, group) for workers
     worker_rlimit_nofile: int | None = None
+    worker_priority: int = 0  # the workers' nice value (0: left as inherited)
     # ("auto", allowed CPUs or None) or ("masks", one CPU tuple per worker); None = unset
     worker_cpu_affinity: tuple | None = None
 

@@ -211,12 +211,18 @@ class Worker:
         gevent.signal_handler(signal.SIGUSR1, self.reopen_logs)
 
     def _apply_limits(self) -> None:
-        """worker_rlimit_nofile and worker_cpu_affinity (psutil), while still root."""
+        """worker_rlimit_nofile, worker_priority and worker_cpu_affinity (psutil), while
+        still root (a negative nice value needs it)."""
         import resource
 
         import psutil
 
         main = self.config.main
+        if main.worker_priority:
+            try:
+                os.setpriority(os.PRIO_PROCESS, 0, main.worker_priority)
+            except OSError as e:
+                self.log.alert(f"setpriority({main.worker_priority}) failed ({e})")
         if main.worker_rlimit_nofile:
             n = main.worker_rlimit_nofile
             try:

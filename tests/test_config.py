@@ -159,6 +159,13 @@ def test_daemon_flag(tmp_path: Path, value: str, expected: bool) -> None:
     assert load_text(tmp_path, f"daemon {value};\nevents {{}}\n").main.daemon is expected
 
 
+@pytest.mark.parametrize(("value", "expected"), [("-5", -5), ("+3", 3), ("10", 10), ("0", 0)])
+def test_worker_priority(tmp_path: Path, value: str, expected: int) -> None:
+    main = load_text(tmp_path, f"worker_priority {value};\nevents {{}}\n").main
+    assert main.worker_priority == expected
+    assert load_text(tmp_path, "events {}\n").main.worker_priority == 0
+
+
 def test_worker_shutdown_timeout(tmp_path: Path) -> None:
     main = load_text(tmp_path, "worker_shutdown_timeout 1m5s;\nevents {}\n").main
     assert main.worker_shutdown_timeout == 65.0
@@ -1131,6 +1138,8 @@ def test_invalid_time_value(tmp_path: Path, directive: str) -> None:
         ("worker_processes abc;\nevents {}\n", '"worker_processes" directive invalid value'),
         ("events { worker_connections abc; }\n", 'invalid number "abc"'),
         ("events { worker_connections -1; }\n", 'invalid number "-1"'),
+        ("worker_priority x;\nevents {}\n", '"worker_priority" directive invalid number'),
+        ("worker_priority -;\nevents {}\n", '"worker_priority" directive invalid number'),
         (http("upstream u { server 127.0.0.1; keepalive -1; }"),
          'invalid value "-1" in "keepalive" directive'),
         (server("listen 70000;"), 'invalid port in "70000" of the "listen" directive'),

@@ -67,6 +67,15 @@ def test_rlimit_and_cpu_affinity(forklb_factory, py_backend_factory):
     assert sorted(seen) == usable  # one CPU each, all of them used
 
 
+def test_worker_priority_is_the_workers_nice_value(forklb_factory, py_backend_factory):
+    lb, port = _lb(forklb_factory, py_backend_factory, "worker_priority -5;")
+    master_nice = psutil.Process(lb.master_pid).nice()
+    for pid in lb.worker_pids():
+        assert psutil.Process(pid).nice() == -5
+    assert master_nice == os.getpriority(os.PRIO_PROCESS, 0)  # the master keeps its own
+    assert http_request(port).text == "b1\n"
+
+
 def test_low_port_without_the_privilege_is_a_clear_error(forklb_factory):
     # Root without CAP_NET_BIND_SERVICE is refused low ports like any other user.
     lb = forklb_factory("events { }\nhttp { access_log off; server { listen 127.0.0.1:81; } }\n")

@@ -66,6 +66,7 @@ TABLE: tuple[Spec, ...] = (
     _spec("worker_timeout", [MAIN], 1, check="time(default=10s)"),
     _spec("user", [MAIN], (1, 2), check="user(default=None)"),
     _spec("worker_rlimit_nofile", [MAIN], 1, check="number(min=1, default=None)"),
+    _spec("worker_priority", [MAIN], 1, check="priority(default=0)"),
     _spec("worker_cpu_affinity", [MAIN], (1, ANY), check="cpu_affinity(default=None)"),
     _spec("events", [MAIN], 0, block=EVENTS),
     _spec("http", [MAIN], 0, block=HTTP),
@@ -325,6 +326,15 @@ def _count(value, min=0, default=None):
     if not _DIGITS.fullmatch(value) or int(value) < int(min):
         raise DirectiveError(f'invalid value "{value}" in "{{directive}}" directive')
     return int(value)
+
+
+def _priority(value, default=0):
+    """``worker_priority [-|+]N``: a nice value, as nginx's ngx_set_priority reads it
+    (no range check: setpriority() clamps to -20..19)."""
+    sign, digits = (value[0], value[1:]) if value[:1] in ("-", "+") else ("+", value)
+    if not _DIGITS.fullmatch(digits):
+        raise DirectiveError('"{directive}" directive invalid number')
+    return -int(digits) if sign == "-" else int(digits)
 
 
 def _error_log(value):
@@ -739,7 +749,7 @@ def make_validator() -> Validator:
         "access_log": _access_log, "upstream_server": _upstream_server, "listen": _listen,
         "location": _location, "proxy_url": _proxy_url,
         "size": _size, "number": _number, "count": _count, "user": _user,
-        "cpu_affinity": _cpu_affinity, "hash_method": _hash_method,
+        "cpu_affinity": _cpu_affinity, "priority": _priority, "hash_method": _hash_method,
         "health_check": _health_check, "cidr": _cidr, "return_action": _return_action,
         "random_method": _random_method, "try_files": _try_files,
         "error_page": _error_page, "next_upstream": _next_upstream,

@@ -239,6 +239,7 @@ class _Builder:
             worker_timeout=v["worker_timeout"],
             user=v["user"],
             worker_rlimit_nofile=v["worker_rlimit_nofile"],
+            worker_priority=v["worker_priority"],
             worker_cpu_affinity=v["worker_cpu_affinity"],
         )
 
