@@ -76,23 +76,21 @@ class ResponseHead:
     """
 
     __slots__ = ("parser", "reason", "hidden", "passed", "lines", "content_length", "listed",
-                 "relayed_own", "raw", "codings", "headers_done", "complete", "body", "status",
+                 "relayed_own", "codings", "headers_done", "complete", "body", "status",
                  "keep_alive", "head_request", "prefix", "upgrade_rest", "head_bytes", "extra",
                  "reusable")
 
-    def __init__(self, head_request: bool, hidden: frozenset[bytes], passed: frozenset[bytes],
-                 keep_raw: bool = False):
+    def __init__(self, head_request: bool, hidden: frozenset[bytes], passed: frozenset[bytes]):
         self.parser = httptools.HttpResponseParser(self)
-        self.next(head_request, hidden, passed, keep_raw)
+        self.next(head_request, hidden, passed)
         self.on_message_begin()  # (llhttp calls it too, before the first header)
 
-    def next(self, head_request: bool, hidden: frozenset[bytes], passed: frozenset[bytes],
-             keep_raw: bool = False) -> None:
+    def next(self, head_request: bool, hidden: frozenset[bytes],
+             passed: frozenset[bytes]) -> None:
         """Get ready for the connection's next response (to a HEAD request: no body)."""
         self.head_request = head_request
         self.hidden = hidden  # the location's hidden names (LocationRuntime.hidden)
         self.passed = passed  # Server/Date when proxy_pass_header lets them through
-        self.raw: list[tuple[bytes, bytes]] | None = [] if keep_raw else None  # a tunnel's
         self.headers_done = False
         self.complete = False
         self.body: list[bytes] = []
@@ -118,8 +116,6 @@ class ResponseHead:
         self.listed: frozenset[bytes] = frozenset()  # names the Connection header lists
         self.relayed_own: set[bytes] | None = None  # Server/Date relayed from the upstream
         self.codings: list[bytes] = []  # Transfer-Encoding values
-        if self.raw is not None:
-            self.raw = []
         self.headers_done = False
 
     def on_status(self, status: bytes) -> None:
@@ -142,8 +138,6 @@ class ResponseHead:
                     self.relayed_own = set()
                 self.relayed_own.add(lname)
             self.lines += (name, b": ", value, b"\r\n")
-        if self.raw is not None:
-            self.raw.append((name, value))
 
     def on_headers_complete(self) -> None:
         self.status = self.parser.get_status_code()
@@ -201,6 +195,21 @@ class ResponseHead:
             raise
         if not self.headers_done and self.head_bytes > HEAD_MAX:
             raise Invalid(502, "upstream sent too big header")
+
+
+class TunnelResponseHead(ResponseHead):
+    """The reply to an upgrade request: it also keeps every header line as it came
+    (``raw``), for :func:`tunnel_head`, which relays Upgrade when the reply is 101."""
+
+    __slots__ = ("raw",)
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self.raw: list[tuple[bytes, bytes]] = []
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        super().on_header(name, value)
+        self.raw.append((name, value))
 
 
 class _PastTheEnd(Exception):
@@ -500,14 +509,14 @@ def _attempt(conn: ClientConnection, ex: Exchange, rt: LocationRuntime, sock: so
                 send_all(protocol.LAST_CHUNK, timeout)
         phase = "reading response header from upstream"
         timeout = rt.read_timeout
-        resp = sock.reader
+        resp = sock.reader  # (a tunnel's connection is always a fresh one)
         if resp is not None and resp.reusable:
-            resp.next(ex.method_b == b"HEAD", rt.hidden, rt.passed, tunnel)
+            resp.next(ex.method_b == b"HEAD", rt.hidden, rt.passed)
         else:
             if resp is not None:
                 resp.release()
-            resp = sock.reader = ResponseHead(ex.method_b == b"HEAD", rt.hidden, rt.passed,
-                                              tunnel)
+            reader = TunnelResponseHead if tunnel else ResponseHead
+            resp = sock.reader = reader(ex.method_b == b"HEAD", rt.hidden, rt.passed)
         while not resp.headers_done:
             data = sock.recv(timeout)
             if not data:
@@ -711,13 +720,13 @@ def _add_own_headers(out: list[bytes], relayed_own: set[bytes] | None,
         out += (b"Date: ", date.now(), b"\r\n")
 
 
-def tunnel_head(resp: ResponseHead, rt: LocationRuntime, date: protocol.HttpDate) -> bytes:
+def tunnel_head(resp: TunnelResponseHead, rt: LocationRuntime, date: protocol.HttpDate) -> bytes:
     """The 101 head relayed to the client, as nginx sends it: the upstream's
     headers (its Upgrade included) minus hop-by-hop and hidden ones, forklb's
     Server and Date unless passed, and ``Connection: upgrade``."""
     out = [b"HTTP/1.1 101 ", resp.reason or protocol.reason(101), b"\r\n"]
     relayed_own = set()
-    for name, value in resp.raw or ():
+    for name, value in resp.raw:
         lname = name.lower()
         if lname in rt.hidden and lname != b"upgrade":
             continue
@@ -730,7 +739,7 @@ def tunnel_head(resp: ResponseHead, rt: LocationRuntime, date: protocol.HttpDate
 
 
 def _relay_tunnel(conn: ClientConnection, ex: Exchange, rt: LocationRuntime,
-                  stream: sockio.Stream, resp: ResponseHead) -> None:
+                  stream: sockio.Stream, resp: TunnelResponseHead) -> None:
     """Relay the 101 head, then bytes both ways until one side closes or both are
     idle for proxy_read_timeout (nginx's upgraded mode); the connection then ends."""
     ex.status = 101
