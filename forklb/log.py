@@ -13,8 +13,10 @@ import os
 import re
 import sys
 import time
+from http import HTTPMethod
 from typing import TextIO
 
+from forklb.http.protocol import CLOCK
 from forklb.http.variables import inline_form
 
 LEVELS = ("debug", "info", "notice", "warn", "error", "crit", "alert", "emerg")
@@ -77,14 +79,18 @@ class ErrorLog:
 
 
 class AccessLogFile:
-    """One access log file with a write buffer; ``write`` never blocks on disk."""
+    """One access log file and its buffer of lines; writing never blocks on disk.
 
-    FLUSH_BYTES = 64 * 1024
+    A worker appends each line to :attr:`lines` itself (a method call per
+    request costs more than the append) and calls :meth:`flush` once the buffer
+    holds ``FLUSH_LINES``; a timer flushes it every second too.
+    """
+
+    FLUSH_LINES = 256  # about 40 KiB of combined lines
 
     def __init__(self, path: str):
         self.path = path
-        self.buffer: list[str] = []
-        self.size = 0
+        self.lines: list[str] = []
         self.fd = -1
         self.reopen()
 
@@ -95,24 +101,17 @@ class AccessLogFile:
             os.close(self.fd)
         self.fd = fd
 
-    def write(self, line: str) -> None:
-        self.buffer.append(line)
-        self.size += len(line)
-        if self.size >= self.FLUSH_BYTES:
-            self.flush()
-
     def flush(self) -> None:
-        if not self.buffer or self.fd < 0:
+        if not self.lines or self.fd < 0:
             return
-        text = "".join(self.buffer)
+        text = "".join(self.lines)
         try:
             # Request bytes are held as latin-1 characters: written back as the
             # same bytes (escape=json/none pass bytes >= 0x80 through, as nginx).
             data = text.encode("latin-1")
         except UnicodeEncodeError:  # non-latin-1 literal text from the config
             data = text.encode("utf-8", "backslashreplace")
-        self.buffer.clear()
-        self.size = 0
+        self.lines.clear()
         try:
             os.write(self.fd, data)
         except OSError:
@@ -160,20 +159,28 @@ def escape_value(value: str, escape: str) -> str:
     return value if table is None else value.translate(table)
 
 
-# What a value must not contain to be copied as it is (one regex search, in C).
-_NEEDS_ESCAPE = {
-    "default": re.compile(r'[^\x20\x21\x23-\x5b\x5d-\x7e]'),
-    "json": re.compile(r'[\x00-\x1f"\\]'),
-}
+# What an escape=json value must not contain to be copied as it is (one regex
+# search, in C); escape=default is checked by str methods (see line_renderer).
+_NEEDS_JSON_ESCAPE = re.compile(r'[\x00-\x1f"\\]')
 
 
-def _needs_default_escape(text: str) -> bool | None:
-    """``_NEEDS_ESCAPE["default"].search`` by str methods (in C, faster than the
-    regex engine on the usual all-printable ASCII line): True, or None when
-    nothing in ``text`` needs escaping."""
-    if text.isascii() and text.isprintable() and '"' not in text and "\\" not in text:
-        return None
-    return True
+# The usual methods' text, found by their bytes (cheaper than decoding them)
+_METHOD_TEXT = {m.value.encode(): m.value for m in HTTPMethod}
+
+
+def _source_literal(text: str) -> str:
+    """``text`` as the literal part of a single-quoted f-string in generated source:
+    printable ASCII but quote, backslash and braces as it is, the rest escaped, so
+    no config text can end the string or open a field."""
+    out = []
+    for char in text:
+        if char in "{}":
+            out.append(char * 2)
+        elif " " <= char <= "~" and char not in "'\\":
+            out.append(char)
+        else:
+            out.append(f"\\U{ord(char):08x}")
+    return "".join(out)
 
 
 def line_renderer(template, escape: str = "default", end: str = ""):
@@ -185,67 +192,82 @@ def line_renderer(template, escape: str = "default", end: str = ""):
     (nginx's ``not_found`` variables).
 
     The function is generated as Python source (as ``dataclasses`` makes its
-    methods).  Variables that are attributes of the request are read inline,
-    and so are headers, from the request's ``header_map`` where the worker
-    notes every header a variable names (:func:`forklb.http.variables.inline_form`);
-    the others are called.  Numbers skip the escape check.  The text values are
-    checked for characters to escape with one check over all of them (the
-    escape sets are single characters, so that equals a check per value) and
-    escaped one by one only when one has such a character.  The line is one
-    f-string (0.29 µs for the combined format where ``str.format`` took 0.42);
-    its literal text is in fields too, constants passed in by name like the
-    header names and getters, so no text from the config goes into the source.
+    methods), one f-string with the line in it.  Each variable is read as
+    :func:`forklb.http.variables.inline_form` says: attributes of the request
+    and of the worker's clock inline, headers from the request's ``header_map``
+    where the worker notes every header a variable names, the request line from
+    its parts; the others are called.  Text from the request is checked for
+    characters to escape with one check over all of it (the escape sets are
+    single characters, so that equals a check per value), and escaped value by
+    value only when something needs it; text forklb writes itself (numbers,
+    addresses, times) is not checked.  The config's literal text is in the
+    f-string, escaped by :func:`_source_literal`; header names and getters are
+    passed in as constants.
     """
     table = ESCAPE_TABLES[escape]
-    needs = _NEEDS_ESCAPE[escape].search if table is not None else None
-    if escape == "default":
-        needs = _needs_default_escape
     empty = "-" if escape == "default" else ""
-    line: list[str] = []  # the f-string's fields: variables and literal constants
+    line: list[str] = []  # the f-string's pieces: fields, and literal text as source
     body: list[str] = []
     texts: list[str] = []  # the variables holding text, which may need escaping
-    names: dict = {"needs": needs, "table": table, "empty": empty}
+    names: dict = {"table": table, "empty": empty, "clock": CLOCK, "methods": _METHOD_TEXT}
     headers = False  # a header is read: the header map is fetched first
-    pending: list[str] = []  # literal text not yet in a field
+    pending: list[str] = []  # literal text not yet in the line
 
     def literals() -> None:
-        if "".join(pending):
-            names[f"c{len(line)}"] = "".join(pending)
-            line.append(f"{{c{len(line)}}}")
+        line.append(_source_literal("".join(pending)))
         pending.clear()
+
+    def maybe_empty(expression: str) -> str:
+        return f"{{{expression} or empty}}" if empty else f"{{{expression}}}"
 
     for part in template.parts:
         if isinstance(part, str):
             pending.append(part)
             continue
-        form = inline_form(part)
-        if form is not None and form[0] == "empty":
+        kind, path = inline_form(part) or ("call", "")
+        if kind == "empty":
             pending.append(empty)
             continue
         literals()
         v = f"v{len(line)}"
-        if form is None:
-            names[f"g_{v}"] = part
-            body.append(f"{v} = g_{v}(r)")
-        elif form[0] == "header":  # noted while parsing (Exchange.header_map)
-            headers = True
-            names[f"h_{v}"] = form[1]
-            body.append(f"{v} = hm.get(h_{v}, '') if hm is not None else ''")
-        else:  # an attribute: text or number (an identifier from forklb's own tables)
-            body.append(f"{v} = r.{form[1]}")
-            if form[0] == "number":
-                line.append(f"{{{v}}}")
-                continue
-        texts.append(v)
-        line.append(f"{{{v} or empty}}" if empty else f"{{{v}}}")
+        if kind == "number":  # never empty, nothing to escape
+            line.append(f"{{r.{path}}}")
+        elif kind == "safe":  # an identifier path from forklb's own tables
+            line.append(maybe_empty(f"r.{path}"))
+        elif kind == "clock":
+            line.append(f"{{clock.{path}}}")
+        elif kind == "request":  # as Exchange.request_line; the method is a token
+            body.append(f"{v} = r.target_raw.decode('latin-1')")
+            texts.append(v)
+            m = "(r.request_method_b or r.method_b)"
+            line.append(f'{{methods.get({m}) or {m}.decode("latin-1")}} {{{v}}} HTTP/{{r.version}}')
+        else:
+            if kind == "call":
+                names[f"g_{v}"] = part
+                body.append(f"{v} = g_{v}(r)")
+            elif kind == "header":  # noted while parsing (Exchange.header_map)
+                headers = True
+                names[f"h_{v}"] = path
+                body.append(f"{v} = hm.get(h_{v}, '') if hm is not None else ''")
+            else:  # text
+                body.append(f"{v} = r.{path}")
+            texts.append(v)
+            line.append(maybe_empty(v))
     pending.append(end)
     literals()
     if headers:
         body.insert(0, "hm = r.header_map")
-    if texts and needs is not None:
-        body.append(f"if needs(''.join(({', '.join(texts)},))) is not None:")
+    if texts and table is not None:
+        body.append(f"s = {texts[0]}" if len(texts) == 1
+                    else f"s = f'{''.join(f'{{{v}}}' for v in texts)}'")
+        if escape == "default":
+            # str methods, in C: faster than a regex on the usual printable ASCII
+            body.append("if not (s.isascii() and s.isprintable()) or '\"' in s or '\\\\' in s:")
+        else:
+            names["needs"] = _NEEDS_JSON_ESCAPE.search
+            body.append("if needs(s) is not None:")
         body += [f"    {v} = {v}.translate(table)" for v in texts]
-    body.append(f"return f'{''.join(line)}'" if line else "return ''")
+    body.append(f"return f'{''.join(line)}'")
     source = "def render(r):\n" + "".join(f"    {line}\n" for line in body)
     exec(compile(source, f"<log_format {template.source!r}>", "exec"), names)  # noqa: S102
     return names["render"]

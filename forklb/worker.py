@@ -20,6 +20,7 @@ import gc
 import os
 import signal
 import socket as stdlib_socket
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -238,19 +239,19 @@ class Worker:
                 self.log.alert(f"sched_setaffinity({list(cpus)}) failed ({e})")
 
     def _build(self) -> None:
-        from forklb.http.protocol import HttpDate
+        from forklb.http.protocol import CLOCK
         from forklb.http.routing import LocationMatcher, VirtualHosts
         from forklb.upstream.pool import UpstreamGroup
 
         http = self.config.http
-        self.date = HttpDate()
+        self.date = CLOCK  # kept current by _keep_time
         self.groups = {name: UpstreamGroup(u, self.shared.view(name), self.slot)
                        for name, u in http.upstreams.items()}
         mime = dict(http.mime_types)
         self.locations: dict[int, LocationRuntime] = {}
         self.matchers: dict[int, LocationMatcher] = {}
         self.access_files: dict[str, AccessLogFile] = {}
-        # id(location) -> its access logs, as (render a line, write it) pairs
+        # id(location) -> its access logs, as (render a line, the file) pairs
         self.log_writers: dict[int, tuple] = {}
         for server in http.servers:
             self.matchers[id(server)] = LocationMatcher(server.locations)
@@ -260,7 +261,7 @@ class Worker:
                     if al.path not in self.access_files:
                         self.access_files[al.path] = AccessLogFile(al.path)
                 self.log_writers[id(loc)] = tuple(
-                    (al.format.render, self.access_files[al.path].write) for al in loc.access_log)
+                    (al.format.render, self.access_files[al.path]) for al in loc.access_log)
         self.listeners: dict[tuple[str, int], Listener] = {}
         for listen in self.config.listen_addresses():
             members: list[tuple[Server, tuple[str, ...], bool]] = []
@@ -321,6 +322,7 @@ class Worker:
             self.servers.append(server)
         self.exit_event = Event()
         gevent.spawn(watch_master, self.life_fd, self._master_gone)
+        gevent.spawn(self._keep_time)
         gevent.spawn(self._flush_access_logs_periodically)
         gevent.spawn(self._heartbeat)
         gevent.spawn(metrics_gauges, self)
@@ -375,8 +377,11 @@ class Worker:
     def access_log(self, ex) -> None:
         self.stats.request(ex)
         loc = ex.location or ex.conn.listener.fallback
-        for render, write in self.log_writers[id(loc)]:
-            write(render(ex))
+        for render, log in self.log_writers[id(loc)]:
+            lines = log.lines
+            lines.append(render(ex))
+            if len(lines) >= log.FLUSH_LINES:
+                log.flush()
 
     # -- stopping --
     def graceful_stop(self) -> None:
@@ -437,6 +442,17 @@ class Worker:
         while True:
             gevent.sleep(1.0)
             self._flush_logs()
+
+    def _keep_time(self) -> None:
+        """Format the time at the start of every second (nginx updates its cached
+        time each turn of its loop); requests then read it without a clock call."""
+        import gevent
+
+        while True:
+            now = time.time()
+            self.date.update(now)
+            # a wake-up a little early only leads to another short sleep
+            gevent.sleep(1.0 - now % 1.0 + 0.001)
 
     def _heartbeat(self) -> None:
         import gevent

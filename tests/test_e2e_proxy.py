@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import email.utils
 import socket
+import time
+from datetime import datetime
 
 import pytest
-from harness import HttpClient, free_port, http_request, raw_exchange
+from harness import HttpClient, free_port, http_request, raw_exchange, wait_for
 
 CONF = """
 worker_processes 1;
@@ -65,6 +68,40 @@ def test_default_upstream_headers(forklb_factory, echo):
     assert h.get("connection", ["keep-alive"]) != ["close"]  # upstream side is keep-alive
     assert r.header("server") == "forklb"
     assert r.header("x-backend") == "echo1"
+
+
+def test_date_header_and_log_time_follow_the_clock(forklb_factory, echo):
+    """The worker formats the time once a second, from a timer (nginx's cached
+    time): Date and $time_local of an idle worker's next request are still current."""
+    port = free_port()
+    lb = forklb_factory(f"""
+worker_processes 1;
+events {{ }}
+http {{
+    log_format t '$time_local';
+    upstream app {{ server 127.0.0.1:{echo.port}; }}
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{ proxy_pass http://app; access_log logs/t.log t; }}
+    }}
+}}
+""")
+    lb.start(wait_ports=[port], workers=1)
+    seen = []
+    for _ in range(2):
+        before = time.time()
+        r = http_request(port, "/", host="www.example.com")
+        after = time.time()
+        date = email.utils.parsedate_to_datetime(r.header("date")).timestamp()
+        assert int(before) <= date <= int(after), (before, r.header("date"), after)
+        seen.append(date)
+        time.sleep(2.2)
+    assert seen[1] - seen[0] >= 2
+    log = lb.path("logs/t.log")
+    wait_for(lambda: log.exists() and log.read_text().count("\n") == 2, 5)
+    stamps = [datetime.strptime(t, "%d/%b/%Y:%H:%M:%S %z").timestamp()
+              for t in log.read_text().splitlines()]
+    assert stamps == seen
 
 
 def test_proxy_set_header_with_variables(forklb_factory, echo):

@@ -14,7 +14,7 @@ from forklb.http.protocol import (
     IDEMPOTENT_METHODS,
     LAST_CHUNK,
     SERVER_NAME,
-    HttpDate,
+    CachedTime,
     chunk,
     connection_tokens,
     error_page,
@@ -183,35 +183,41 @@ def test_response_is_one_header_block_then_body() -> None:
     assert raw.count(b"\r\n\r\n") == 2 and raw.endswith(b"a\r\n\r\nb")
 
 
-# -- HttpDate ----------------------------------------------------------------------------
+# -- CachedTime ----------------------------------------------------------------------------
 
 
 @pytest.fixture
 def clock(monkeypatch: pytest.MonkeyPatch) -> SimpleNamespace:
+    """A fake clock for protocol.CachedTime, in UTC; counts the seconds formatted."""
     state = SimpleNamespace(now=0.0, gmtime_calls=0)
+    monkeypatch.setenv("TZ", "UTC")
+    time.tzset()
 
     def gmtime(seconds: float) -> time.struct_time:
         state.gmtime_calls += 1
         return time.gmtime(seconds)
 
-    fake = SimpleNamespace(time=lambda: state.now, strftime=time.strftime, gmtime=gmtime)
+    fake = SimpleNamespace(time=lambda: state.now, strftime=time.strftime, gmtime=gmtime,
+                           localtime=time.localtime)
     monkeypatch.setattr(protocol, "time", fake)
-    return state
+    yield state
+    monkeypatch.undo()
+    time.tzset()
 
 
 def test_http_date_format(clock: SimpleNamespace) -> None:
     clock.now = 0.0
-    assert HttpDate().now() == DATE
+    assert CachedTime().now() == DATE
 
 
 def test_http_date_of_a_known_time(clock: SimpleNamespace) -> None:
     clock.now = 784111777.9  # RFC 9110's example date
-    assert HttpDate().now() == b"Sun, 06 Nov 1994 08:49:37 GMT"
+    assert CachedTime().now() == b"Sun, 06 Nov 1994 08:49:37 GMT"
 
 
 def test_http_date_is_cached_within_a_second(clock: SimpleNamespace) -> None:
-    d = HttpDate()
     clock.now = 100.1
+    d = CachedTime()
     first = d.now()
     clock.now = 100.9
     assert d.now() is first
@@ -219,16 +225,44 @@ def test_http_date_is_cached_within_a_second(clock: SimpleNamespace) -> None:
 
 
 def test_http_date_changes_with_the_second(clock: SimpleNamespace) -> None:
-    d = HttpDate()
     clock.now = 100.9
+    d = CachedTime()
     first = d.now()
     clock.now = 101.0
     second = d.now()
     assert first != second and second.endswith(b":41 GMT") and clock.gmtime_calls == 2
 
 
+def test_update_formats_every_string_of_that_second(clock: SimpleNamespace) -> None:
+    d = CachedTime()
+    d.update(86400.0 + 3661.5)
+    assert d.second == 90061
+    assert d.http_date == b"Fri, 02 Jan 1970 01:01:01 GMT"
+    assert d.own_lines == b"Server: forklb\r\nDate: Fri, 02 Jan 1970 01:01:01 GMT\r\n"
+    assert d.time_local == "02/Jan/1970:01:01:01 +0000"
+    assert d.time_iso8601 == "1970-01-02T01:01:01+00:00"
+
+
+def test_update_within_the_same_second_keeps_the_strings(clock: SimpleNamespace) -> None:
+    d = CachedTime()
+    d.update(500.2)
+    first = d.time_local
+    d.update(500.8)
+    assert d.time_local is first and clock.gmtime_calls == 2  # at creation, then 500
+
+
+def test_attributes_are_not_refreshed_by_reading_them(clock: SimpleNamespace) -> None:
+    """The hot path reads the attributes; only update() and now() ask the clock
+    (a worker's timer calls update() every second)."""
+    clock.now = 10.0
+    d = CachedTime()
+    clock.now = 20.0
+    assert d.http_date.endswith(b":10 GMT")
+    assert d.now().endswith(b":20 GMT") and d.http_date.endswith(b":20 GMT")
+
+
 def test_http_date_with_real_clock_looks_right() -> None:
-    value = HttpDate().now()
+    value = CachedTime().now()
     assert value.endswith(b" GMT") and len(value) == len(DATE)
     time.strptime(value.decode(), "%a, %d %b %Y %H:%M:%S GMT")
 

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from forklb.http import variables
+from forklb.http import protocol, variables
 from forklb.http.variables import (
     VARIABLES,
     Template,
@@ -302,16 +302,32 @@ def test_zero_numbers_are_not_empty() -> None:
 # -- time variables -------------------------------------------------------------------
 
 
-def test_time_local(utc: None) -> None:
-    assert render("$time_local", start_time=86400.0 + 3661) == "02/Jan/1970:01:01:01 +0000"
+@pytest.fixture
+def clock_at(utc: None, monkeypatch: pytest.MonkeyPatch) -> Iterator[SimpleNamespace]:
+    """protocol.CLOCK reads a fake time (``.now``), in UTC; put right afterwards."""
+    state = SimpleNamespace(now=0.0)
+    fake = SimpleNamespace(time=lambda: state.now, strftime=time.strftime,
+                           gmtime=time.gmtime, localtime=time.localtime)
+    monkeypatch.setattr(protocol, "time", fake)
+    yield state
+    monkeypatch.undo()
+    protocol.CLOCK.now()
 
 
-def test_time_iso8601_date_and_time(utc: None) -> None:
-    assert render("$time_iso8601", start_time=0.0).startswith("1970-01-01T00:00:00")
+def test_time_local_is_the_time_now(clock_at: SimpleNamespace) -> None:
+    """nginx's $time_local is the (cached) time when it is read, not the request's start."""
+    clock_at.now = 86400.0 + 3661
+    assert render("$time_local", start_time=5.0) == "02/Jan/1970:01:01:01 +0000"
+    clock_at.now += 1
+    assert render("$time_local") == "02/Jan/1970:01:01:02 +0000"
 
 
-def test_time_iso8601_offset_has_a_colon(utc: None) -> None:
-    assert render("$time_iso8601", start_time=0.0) == "1970-01-01T00:00:00+00:00"
+def test_time_iso8601_date_and_time(clock_at: SimpleNamespace) -> None:
+    assert render("$time_iso8601", start_time=99.0).startswith("1970-01-01T00:00:00")
+
+
+def test_time_iso8601_offset_has_a_colon(clock_at: SimpleNamespace) -> None:
+    assert render("$time_iso8601") == "1970-01-01T00:00:00+00:00"
 
 
 def test_request_time(frozen_clock: None) -> None:

@@ -80,28 +80,44 @@ def chunk(data: bytes) -> bytes:
 LAST_CHUNK = b"0\r\n\r\n"
 
 
-class HttpDate:
-    """``Date`` header value, formatted once per second."""
+class CachedTime:
+    """The time as responses and access logs show it, formatted once per second
+    (nginx's cached time strings, ngx_times.c).
 
-    __slots__ = ("second", "value", "own_lines")
+    :meth:`now` asks the clock and returns the ``Date`` value.  A worker keeps
+    :data:`CLOCK` current with a timer at the start of every second
+    (``forklb.worker``), so its hot path reads the attributes without asking:
+    like nginx's, that time is up to one turn of the event loop late.
+    """
+
+    __slots__ = ("second", "http_date", "own_lines", "time_local", "time_iso8601")
 
     def __init__(self) -> None:
         self.second = -1
-        self.value = b""
-        self.own_lines = b""  # "Server: forklb" and "Date: ..." header lines
+        self.update(time.time())
+
+    def update(self, now: float) -> None:
+        """Format the second ``now`` falls in, unless that is done already."""
+        second = int(now)
+        if second == self.second:
+            return
+        self.second = second
+        self.http_date = time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(second)).encode()
+        # forklb's "Server" and "Date" lines of a relayed response
+        self.own_lines = b"Server: " + SERVER_NAME + b"\r\nDate: " + self.http_date + b"\r\n"
+        local = time.localtime(second)
+        self.time_local = time.strftime("%d/%b/%Y:%H:%M:%S %z", local)
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z", local)
+        self.time_iso8601 = f"{stamp[:-2]}:{stamp[-2:]}"  # +hh:mm, as ngx_times.c
 
     def now(self) -> bytes:
-        second = int(time.time())
-        if second != self.second:
-            self.second = second
-            self.value = time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(second)).encode()
-            self.own_lines = b"Server: " + SERVER_NAME + b"\r\nDate: " + self.value + b"\r\n"
-        return self.value
+        """The ``Date`` header value of this second."""
+        self.update(time.time())
+        return self.http_date
 
-    def own_header_lines(self) -> bytes:
-        """forklb's ``Server`` and ``Date`` lines of a relayed response."""
-        self.now()
-        return self.own_lines
+
+# This process's cached time: each worker is a process of its own.
+CLOCK = CachedTime()
 
 
 def error_page(status: int) -> bytes:

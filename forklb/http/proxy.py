@@ -709,18 +709,18 @@ def _relay_body(conn: ClientConnection, ex: Exchange, rt: LocationRuntime,
 
 
 def _add_own_headers(out: list[bytes], relayed_own: set[bytes] | None,
-                     date: protocol.HttpDate) -> None:
+                     date: protocol.CachedTime) -> None:
     """forklb's Server and Date, unless the upstream's own were passed (proxy_pass_header)."""
     if not relayed_own:
-        out.append(date.own_header_lines())  # both lines, made once per second
+        out.append(date.own_lines)  # both lines, made once a second (Worker._keep_time)
         return
     if b"server" not in relayed_own:
         out.append(b"Server: forklb\r\n")
     if b"date" not in relayed_own:
-        out += (b"Date: ", date.now(), b"\r\n")
+        out += (b"Date: ", date.http_date, b"\r\n")
 
 
-def tunnel_head(resp: TunnelResponseHead, rt: LocationRuntime, date: protocol.HttpDate) -> bytes:
+def tunnel_head(resp: TunnelResponseHead, rt: LocationRuntime, date: protocol.CachedTime) -> bytes:
     """The 101 head relayed to the client, as nginx sends it: the upstream's
     headers (its Upgrade included) minus hop-by-hop and hidden ones, forklb's
     Server and Date unless passed, and ``Connection: upgrade``."""

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from operator import attrgetter
 from typing import Any
 
+from forklb.http.protocol import CLOCK
 from forklb.http.routing import capture
 
 Getter = Callable[[Any], str]
@@ -29,22 +30,17 @@ def _proxy_add_x_forwarded_for(r: Any) -> str:
     return f"{previous}, {r.remote_addr}" if previous else r.remote_addr
 
 
-_local_second: list = [None, ""]  # the last second formatted by _time_local, and its text
-
-
 def _time_local(r: Any) -> str:
-    """``$time_local``, formatted once per second (as nginx caches its time strings)."""
-    second = int(r.start_time)
-    if second != _local_second[0]:
-        _local_second[0] = second
-        _local_second[1] = time.strftime("%d/%b/%Y:%H:%M:%S %z", time.localtime(second))
-    return _local_second[1]
+    """``$time_local``: the time now (nginx's cached log time, not the request's
+    start), formatted once a second."""
+    CLOCK.now()
+    return CLOCK.time_local
 
 
 def _time_iso8601(r: Any) -> str:
     """ISO 8601 local time with the UTC offset as ``+hh:mm`` (ngx_times.c)."""
-    stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(r.start_time))
-    return f"{stamp[:-2]}:{stamp[-2:]}"
+    CLOCK.now()
+    return CLOCK.time_iso8601
 
 
 def _request_time(r: Any) -> str:
@@ -70,6 +66,19 @@ NUMBER_ATTRIBUTES: dict[str, str] = {
     "body_bytes_sent": "body_bytes_sent", "bytes_sent": "bytes_sent", "pid": "pid",
     "connection": "connection_id", "connection_requests": "connection_requests",
 }
+# The Exchange properties that only read its connection: code built for Exchanges
+# (the access-log renderer) reads the connection itself, sparing a call.
+CONNECTION_PATHS: dict[str, str] = {
+    "remote_addr": "conn.remote_addr", "remote_port": "conn.remote_port",
+    "server_port": "conn.listener.port", "connection_id": "conn.serial",
+    "connection_requests": "conn.requests",
+}
+# Of the text variables, those forklb writes itself (addresses it accepted on, its
+# own words and numbers): never anything an access log has to escape.
+SAFE_TEXT: frozenset[str] = frozenset({
+    "remote_addr", "scheme", "https", "server_protocol", "upstream_status",
+    "upstream_response_time", "upstream_connect_time",
+})
 
 
 def _number_getter(attribute: str) -> Getter:
@@ -92,19 +101,33 @@ VARIABLES: dict[str, Getter] = {
     "msec": lambda r: f"{time.time():.3f}",
 }
 
-# getter -> ("text" | "number", attribute), for inline_form
+# getter -> how inline_form reads it
 _ATTRIBUTE_OF: dict[Getter, tuple[str, str]] = {
-    **{VARIABLES[name]: ("text", attribute) for name, attribute in TEXT_ATTRIBUTES.items()},
-    **{VARIABLES[name]: ("number", attribute) for name, attribute in NUMBER_ATTRIBUTES.items()},
+    **{VARIABLES[name]: ("safe" if name in SAFE_TEXT else "text",
+                         CONNECTION_PATHS.get(attribute, attribute))
+       for name, attribute in TEXT_ATTRIBUTES.items()},
+    **{VARIABLES[name]: ("number", CONNECTION_PATHS.get(attribute, attribute))
+       for name, attribute in NUMBER_ATTRIBUTES.items()},
+    VARIABLES["request"]: ("request", ""),
+    _time_local: ("clock", "time_local"),
+    _time_iso8601: ("clock", "time_iso8601"),
 }
 
 
 def inline_form(get: Getter) -> tuple[str, str] | None:
     """How ``get`` can be read without calling it, for code built at load time:
-    ``("text", attribute)`` or ``("number", attribute)`` of the request context,
-    ``("header", name)`` for request header ``name`` (the worker notes it while
-    parsing: :data:`NOTED_HEADERS`), ``("empty", "")`` for a value that is always
-    empty; None when it has to be called."""
+
+    - ``("text", path)``, ``("safe", path)`` or ``("number", path)``: an attribute
+      of an Exchange (``conn.serial``: a path, :data:`CONNECTION_PATHS`); "safe"
+      text never needs escaping (:data:`SAFE_TEXT`);
+    - ``("request", "")``: the request line, from the method, target and version;
+    - ``("clock", attribute)``: an attribute of :data:`forklb.http.protocol.CLOCK`,
+      which a worker keeps current;
+    - ``("header", name)``: request header ``name`` (the worker notes it while
+      parsing: :data:`NOTED_HEADERS`);
+    - ``("empty", "")``: a value that is always empty.
+
+    None when it has to be called."""
     if get is _remote_user:
         return ("empty", "")
     header = getattr(get, "header", None)
