@@ -154,16 +154,24 @@ def _reference_line(template, escape: str, r) -> str:
 
 
 @pytest.mark.parametrize("escape", ["default", "json", "none"])
-def test_generated_renderer_matches_the_reference_for_every_variable(escape):
+def test_generated_renderer_matches_the_reference_for_every_variable(escape, monkeypatch):
     """line_renderer builds its function as source at load: it gives what rendering
     part by part gives, for every variable (read inline, as a number, a header, or
     called) next to literal text with braces, quotes and backslashes, whether a
     value is empty, plain or hostile."""
     import random
+    import time
 
     from forklb.config.loader import COMBINED
+    from forklb.http import protocol
     from forklb.http.variables import VARIABLES
 
+    # The line function reads the process clock as a worker's timer leaves it; the
+    # getters refresh it first. One fixed second keeps the two comparable.
+    monkeypatch.setattr(protocol, "time", SimpleNamespace(
+        time=lambda: 1.7e9, strftime=time.strftime, gmtime=time.gmtime,
+        localtime=time.localtime))
+    protocol.CLOCK.now()
     clocks = {"msec", "request_time"}  # read the time when called: not comparable
     names = sorted(set(VARIABLES) - clocks) + ["http_user_agent", "http_x_forwarded_for",
                                                 "arg_page"]
@@ -197,6 +205,8 @@ def test_generated_renderer_matches_the_reference_for_every_variable(escape):
                      request_method_b=rng.choice([b"", b"POST"]), **values, **numbers)
         assert line_renderer(template, escape)(r) == _reference_line(template, escape, r), \
             (source, values, numbers, headers)
+    monkeypatch.undo()
+    protocol.CLOCK.now()
 
 
 # -- directives ----------------------------------------------------------------

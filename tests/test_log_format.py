@@ -23,19 +23,13 @@ NOON = 1_700_049_600.0  # 2023-11-15 12:00:00 UTC
 
 
 @pytest.fixture(autouse=True)
-def utc_clock() -> Iterator[None]:
+def utc_clock(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """TZ=UTC, and the process clock (which a worker's timer keeps current) at NOON."""
-    import os
-
-    old = os.environ.get("TZ")
-    os.environ["TZ"] = "UTC"
+    monkeypatch.setenv("TZ", "UTC")
     time.tzset()
     protocol.CLOCK.update(NOON)
     yield
-    if old is None:
-        del os.environ["TZ"]
-    else:
-        os.environ["TZ"] = old
+    monkeypatch.undo()
     time.tzset()
     protocol.CLOCK.now()
 
