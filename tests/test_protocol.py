@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from types import SimpleNamespace
 
 import pytest
@@ -187,7 +188,7 @@ def test_response_is_one_header_block_then_body() -> None:
 
 
 @pytest.fixture
-def clock(monkeypatch: pytest.MonkeyPatch) -> SimpleNamespace:
+def clock(monkeypatch: pytest.MonkeyPatch) -> Iterator[SimpleNamespace]:
     """A fake clock for protocol.CachedTime, in UTC; counts the seconds formatted."""
     state = SimpleNamespace(now=0.0, gmtime_calls=0)
     monkeypatch.setenv("TZ", "UTC")
