@@ -8,6 +8,7 @@ by ``forklb.upstream.pool`` with a fake clock.
 
 from __future__ import annotations
 
+import os
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -419,6 +420,53 @@ def test_max_conns_counts_connections_of_every_worker() -> None:
     w0.release(0)
     assert s.view.total_conns(0) == 0
     assert sorted(request(w0) for _ in range(2)) == [0, 1]
+
+
+def _pick_in_a_worker(s: Setup, slot: int, go: int, report: int, rounds: int) -> None:
+    """A forked child's loop: pick (and so acquire) and release as fast as it can,
+    then report how often it held peer 0 and how often someone else held it too."""
+    held = overs = 0
+    try:
+        os.read(go, 1)  # both workers start together
+        g = s.group(slot)
+        for _ in range(rounds):
+            index = g.pick(g.start(FakeExchange()))
+            if index == 0:
+                held += 1
+                overs += s.view.total_conns(0) > 1
+            if index is not None:
+                g.release(index)
+        os.write(report, f"{held} {overs}\n".encode())
+    finally:
+        os._exit(0)
+
+
+def test_max_conns_holds_for_workers_choosing_at_the_same_time() -> None:
+    """Two processes pick from one shared state at full speed, as two workers on two
+    CPUs: the peer with max_conns=1 is never held by both at once (checking its
+    count and adding to it are one step under the upstream's lock)."""
+    s = Setup([srv(8081, max_conns=1), srv(8082)], slots=2)
+    go_r, go_w = os.pipe()
+    report_r, report_w = os.pipe()
+    pids = []
+    for slot in (0, 1):
+        pid = os.fork()
+        if pid == 0:
+            _pick_in_a_worker(s, slot, go_r, report_w, rounds=30000)
+        pids.append(pid)
+    os.write(go_w, b"gg")
+    try:
+        for pid in pids:
+            assert os.waitpid(pid, 0)[1] == 0
+        os.close(report_w)
+        with os.fdopen(report_r) as f:
+            reports = [tuple(map(int, line.split())) for line in f]
+    finally:
+        for fd in (go_r, go_w):
+            os.close(fd)
+    assert len(reports) == 2, reports
+    assert all(held > 1000 for held, _ in reports), reports  # both really competed
+    assert [overs for _, overs in reports] == [0, 0], reports
 
 
 def test_max_conns_not_reached_keeps_the_shared_sequence() -> None:

@@ -342,10 +342,11 @@ def proxy(conn: ClientConnection, ex: Exchange, rt: LocationRuntime) -> None:
     while True:
         if first >= 0:
             index, first = first, -1
+            group.acquire(index)
         else:
             if choice is None:
                 choice = group.start(ex, index)  # (index: a steady pick that failed)
-            index = choice.next()
+            index = group.pick(choice)  # (acquired)
             if index is None:
                 conn.worker.log.error(_context("no live upstreams while connecting to upstream",
                                                conn, ex, None))
@@ -353,7 +354,6 @@ def proxy(conn: ClientConnection, ex: Exchange, rt: LocationRuntime) -> None:
                 conn.respond_simple(ex, 502)
                 return
         addrs.append(group.label(index))
-        group.acquire(index)
         released = False
         try:
             try:

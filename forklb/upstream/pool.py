@@ -188,6 +188,28 @@ class UpstreamGroup:
             choice.tried = 1 << tried
         return choice
 
+    def pick(self, choice: Choice) -> int | None:
+        """The next peer of ``choice``, acquired; None when none is left.
+
+        With ``max_conns`` in the group, choosing and counting the connection
+        are one step under the upstream's lock, for all workers together
+        (:meth:`UpstreamView.lock`): without it two workers could both see a
+        peer's last connection free and both take it."""
+        if not self.limited:
+            index = choice.next()
+            if index is not None:
+                self.acquire(index)
+            return index
+        view = self.view
+        view.lock()
+        try:
+            index = choice.next()
+            if index is not None:
+                self.acquire(index)
+        finally:
+            view.unlock()
+        return index
+
     def acquire(self, i: int) -> None:
         """Peer ``i`` gets a request from this worker (counts for least_conn, max_conns)."""
         view = self.view

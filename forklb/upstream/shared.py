@@ -1,10 +1,14 @@
-"""Upstream peer state shared by every process of one generation, without locks.
+"""Upstream peer state shared by every process of one generation.
 
 The master maps one anonymous ``MAP_SHARED`` region per generation before it
 forks that generation's workers and sidecar, so all of them see the same bytes;
 a respawned worker maps the same region again, and a reload starts from a new
-one built from the new config.  Nothing here takes a lock: every field has a
-single writer, or tolerates the rare lost update of a racy read-modify-write.
+one built from the new config.  Reading and writing takes no lock: every field
+has a single writer, or tolerates the rare lost update of a racy
+read-modify-write.  The one exception is ``max_conns``: checking a peer's count
+and adding to it must be one step for all workers, or two of them take a peer's
+last free connection at once.  :meth:`UpstreamView.lock` covers that step, as
+nginx holds an upstream zone's lock while it chooses a peer.
 
 Per upstream group
     ``ticket``       round-robin position; workers read it, pick
@@ -38,8 +42,11 @@ Per peer and per worker slot (single writer: that worker)
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import mmap
+import os
 import socket
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -80,6 +87,21 @@ class UpstreamView:
     conns: ctypes.Array  # slots * size, index slot * size + peer
     requests: ctypes.Array
     failures: ctypes.Array
+    # The generation's lock file and this upstream's byte in it (see lock)
+    lock_fd: int = -1
+    lock_byte: int = 0
+
+    def lock(self) -> None:
+        """Wait until no other process holds this upstream's lock, and take it.
+
+        A POSIX record lock on one byte of a memfd inherited from the master:
+        the kernel releases it when its holder dies, so a worker killed while
+        holding it blocks no one.  Held for a few microseconds, with no
+        greenlet switch inside; a process that holds it may take it again."""
+        fcntl.lockf(self.lock_fd, fcntl.LOCK_EX, 1, self.lock_byte)
+
+    def unlock(self) -> None:
+        fcntl.lockf(self.lock_fd, fcntl.LOCK_UN, 1, self.lock_byte)
 
     def total_conns(self, peer: int) -> int:
         """Connections to ``peer`` in use by all workers now."""
@@ -106,10 +128,14 @@ class SharedUpstreamState:
         per_peer = 11 * 8 + 16 + 3 * 8 * self.slots
         total = sum(16 + n * per_peer for _, n in plan) or 8
         self.memory = mmap.mmap(-1, total)  # MAP_SHARED | MAP_ANONYMOUS, zero-filled
+        # An empty file whose bytes are lock records, one per upstream (UpstreamView.lock)
+        self.lock_fd = os.memfd_create("forklb-upstream-locks", os.MFD_CLOEXEC)
+        weakref.finalize(self, os.close, self.lock_fd)
         self.views: dict[str, UpstreamView] = {}
         offset = 0
-        for name, n in plan:
+        for byte, (name, n) in enumerate(plan):
             view, offset = self._carve(name, n, offset)
+            view.lock_fd, view.lock_byte = self.lock_fd, byte
             self.views[name] = view
             for i, server in enumerate(upstreams[name].servers):
                 view.absent[i] = server.spare
