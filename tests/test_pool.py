@@ -469,6 +469,16 @@ def test_max_conns_holds_for_workers_choosing_at_the_same_time() -> None:
     assert [overs for _, overs in reports] == [0, 0], reports
 
 
+def test_lock_file_only_with_max_conns() -> None:
+    """Every process of a generation inherits the lock file: only max_conns needs it."""
+    assert Setup(servers(1, 1)).state.lock_fd == -1
+    limited = Setup([srv(8081, max_conns=1), srv(8082)])
+    fd = limited.state.lock_fd
+    assert os.readlink(f"/proc/self/fd/{fd}").startswith("/memfd:forklb-upstream-locks")
+    del limited  # a replaced generation's file is closed with it
+    assert not os.path.exists(f"/proc/self/fd/{fd}")
+
+
 def test_max_conns_not_reached_keeps_the_shared_sequence() -> None:
     s = Setup([srv(8081, max_conns=100), srv(8082, max_conns=100)])
     w0, w1 = s.group(0), s.group(1)

@@ -128,9 +128,12 @@ class SharedUpstreamState:
         per_peer = 11 * 8 + 16 + 3 * 8 * self.slots
         total = sum(16 + n * per_peer for _, n in plan) or 8
         self.memory = mmap.mmap(-1, total)  # MAP_SHARED | MAP_ANONYMOUS, zero-filled
-        # An empty file whose bytes are lock records, one per upstream (UpstreamView.lock)
-        self.lock_fd = os.memfd_create("forklb-upstream-locks", os.MFD_CLOEXEC)
-        weakref.finalize(self, os.close, self.lock_fd)
+        # An empty file whose bytes are lock records, one per upstream (UpstreamView.lock);
+        # only max_conns needs it, and without it no process holds one more descriptor.
+        self.lock_fd = -1
+        if any(server.max_conns for u in upstreams.values() for server in u.servers):
+            self.lock_fd = os.memfd_create("forklb-upstream-locks", os.MFD_CLOEXEC)
+            weakref.finalize(self, os.close, self.lock_fd)
         self.views: dict[str, UpstreamView] = {}
         offset = 0
         for byte, (name, n) in enumerate(plan):
