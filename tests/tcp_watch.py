@@ -3,20 +3,26 @@ connection, when it was first seen held and when it was last seen held.
 
 Run as ``tcp_watch.py PORT PERIOD``.  It samples ``/proc/net/tcp`` every PERIOD
 seconds, prints ``ready`` after the first sample, and on SIGTERM prints one JSON
-object: ``{"longest_gap": seconds, "connections": [[client port, first, last], ...]}``
+object: ``{"longest_gap": seconds, "majflt": count, "connections": [[client port,
+first, last], ...]}``
 with ``time.monotonic()`` times (the system's monotonic clock, so a parent
 process can compare them with its own).
 
-It runs as a process of its own so that the test's threads cannot delay it, and
-the test starts it under SCHED_FIFO: on a loaded machine a sampler at normal
-priority was seen to pause for more than 2 s and miss whole connections.  It
-reads ``/proc/net/tcp`` itself because psutil's ``net_connections`` also maps
-every socket to its process, which costs a pass over every process's descriptors.
+It runs as a process of its own so that the test's threads cannot delay it, the
+test starts it under SCHED_FIFO, and it locks its memory: on a loaded machine a
+sampler at normal priority was seen to pause for more than 2 s and miss whole
+connections, and under SCHED_FIFO it still paused for up to 2 s in CI, where
+this machine's page cache is reclaimed on its own (a page of the interpreter
+read back from disk).  ``majflt`` in the output counts such reads.  It reads
+``/proc/net/tcp`` itself because psutil's ``net_connections`` also maps every
+socket to its process, which costs a pass over every process's descriptors.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
+import resource
 import signal
 import sys
 import time
@@ -45,8 +51,16 @@ def sample(suffix: str, now: float, connections: dict[tuple[int, str], list[floa
             connections.setdefault(key, [now, now])[1] = now
 
 
+def lock_memory() -> None:
+    """mlockall(MCL_CURRENT | MCL_FUTURE): no page of this process is evicted."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.mlockall(1 | 2) != 0:
+        raise OSError(ctypes.get_errno(), "mlockall")
+
+
 def main() -> None:
     port, period = int(sys.argv[1]), float(sys.argv[2])
+    lock_memory()
     suffix = f":{port:04X}"
     connections: dict[tuple[int, str], list[float]] = {}
     stopping = []
@@ -62,7 +76,8 @@ def main() -> None:
         last = now
         sample(suffix, now, connections)
     found = [[peer, first, seen] for (peer, _), (first, seen) in connections.items()]
-    json.dump({"longest_gap": longest_gap, "connections": found}, sys.stdout)
+    majflt = resource.getrusage(resource.RUSAGE_SELF).ru_majflt
+    json.dump({"longest_gap": longest_gap, "majflt": majflt, "connections": found}, sys.stdout)
 
 
 if __name__ == "__main__":

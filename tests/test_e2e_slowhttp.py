@@ -76,6 +76,7 @@ class Watch:
         # client port, first seen held, last seen held
         self.connections: list[tuple[int, float, float]] = []
         self.longest_gap = 0.0
+        self.majflt = 0  # the watch's pages read back from disk
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -83,6 +84,7 @@ class Watch:
         found = json.loads(out)
         self.connections = [tuple(c) for c in found["connections"]]
         self.longest_gap = found["longest_gap"]
+        self.majflt = found["majflt"]
 
     def attack(self, probe: Probe) -> list[float]:
         """How long each connection but the probe's was seen held."""
@@ -176,10 +178,10 @@ def test_slow_attack_is_cut_off_and_service_stays_up(target, tmp_path, attack):
         probe.stop()
         watch.stop()
     # slowhttptest opened the attack's connections; the watch never paused for as
-    # long as a connection lives (2 s), and saw them
+    # long as a connection lives (forklb holds each for TIMEOUT at least), and saw them
     opened = max(r["Closed"] + r["Connected"] for r in rows)
     assert opened >= CONNECTIONS * 0.9, rows
-    assert watch.longest_gap < 1.0, watch.longest_gap
+    assert watch.longest_gap < TIMEOUT, (watch.longest_gap, watch.majflt)
     held = watch.attack(probe)
     assert len(held) >= 0.95 * opened, (len(held), opened, rows)
     # forklb held no attack connection longer than the timeout + 1 s (+ two
