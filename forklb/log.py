@@ -2,8 +2,9 @@
 
 Error log lines read ``2026/11/30 07:16:07 [notice] 1234#0: message``.  Both
 logs are plain append-mode files that ``reopen()`` swaps (USR1, logrotate).
-Access log lines are buffered in memory and written in batches (at most once a
-second, or when 64 KiB are waiting) so the request path never waits on disk.
+Access log lines are buffered in memory and written in batches (by default at
+most once a second, or when 64 KiB are waiting; ``access_log``'s buffer=,
+flush= and gzip set it per file) so the request path never waits on disk.
 No gevent here: the master uses this module too.
 """
 
@@ -13,11 +14,14 @@ import os
 import re
 import sys
 import time
+import zlib
+from collections.abc import Callable
 from http import HTTPMethod
-from typing import TextIO
+from typing import Any, TextIO
 
 from forklb.http.protocol import CLOCK
-from forklb.http.variables import inline_form
+from forklb.http.variables import Template, inline_form
+from forklb.model import DEFAULT_LOG_BUFFER, LogBuffer
 
 LEVELS = ("debug", "info", "notice", "warn", "error", "crit", "alert", "emerg")
 _RANK = {name: i for i, name in enumerate(LEVELS)}
@@ -81,16 +85,20 @@ class ErrorLog:
 class AccessLogFile:
     """One access log file and its buffer of lines; writing never blocks on disk.
 
-    A worker appends each line to :attr:`lines` itself (a method call per
-    request costs more than the append) and calls :meth:`flush` once the buffer
-    holds ``FLUSH_LINES``; a timer flushes it every second too.
+    A worker appends each line to :attr:`lines` and adds its length to
+    :attr:`size` itself (a method call per request costs more than the two), and
+    calls :meth:`spill` once ``size`` reaches :attr:`limit`.  What ``spill`` writes
+    is at most ``limit`` bytes, as nginx writes a buffer when the next line would
+    not fit (a single longer line goes alone).  A timer calls :meth:`flush` every
+    ``buffer.flush`` seconds, if set; reopening and exiting flush too.
     """
 
-    FLUSH_LINES = 256  # about 40 KiB of combined lines
-
-    def __init__(self, path: str):
+    def __init__(self, path: str, buffer: LogBuffer = DEFAULT_LOG_BUFFER):
         self.path = path
+        self.buffer = buffer
+        self.limit = buffer.size
         self.lines: list[str] = []
+        self.size = 0
         self.fd = -1
         self.reopen()
 
@@ -101,21 +109,50 @@ class AccessLogFile:
             os.close(self.fd)
         self.fd = fd
 
+    def spill(self) -> None:
+        """The buffer has reached its limit: write all but a last line that went
+        past it, which stays for the next write (or goes now if it is too long)."""
+        lines = self.lines
+        if self.size > self.limit and len(lines) > 1:
+            last = lines.pop()
+            self.flush()
+            lines.append(last)
+            self.size = len(last)
+            if self.size < self.limit:
+                return
+        self.flush()
+
     def flush(self) -> None:
         if not self.lines or self.fd < 0:
             return
         text = "".join(self.lines)
+        self.lines.clear()
+        self.size = 0
         try:
             # Request bytes are held as latin-1 characters: written back as the
             # same bytes (escape=json/none pass bytes >= 0x80 through, as nginx).
             data = text.encode("latin-1")
         except UnicodeEncodeError:  # non-latin-1 literal text from the config
             data = text.encode("utf-8", "backslashreplace")
-        self.lines.clear()
+        if self.buffer.gzip:
+            # a gzip member per write, as nginx: zcat reads the file at any time
+            packer = zlib.compressobj(self.buffer.gzip, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+            data = packer.compress(data) + packer.flush()
         try:
             os.write(self.fd, data)
         except OSError:
             pass
+
+
+def conditional(render: Callable[[Any], str], condition: Template) -> Callable[[Any], str]:
+    """``access_log ... if=CONDITION``: ``render``, or an empty line (nothing written)
+    for a request whose condition is empty or "0"."""
+
+    def render_if(r: Any) -> str:
+        value = condition.render(r)
+        return render(r) if value and value != "0" else ""
+
+    return render_if
 
 
 def _prepared(path: str) -> str:

@@ -141,9 +141,25 @@ class LogFormat:
 
 
 @dataclass(frozen=True, slots=True)
+class LogBuffer:
+    """How an access log file is buffered (``access_log``'s buffer=, flush=, gzip)."""
+
+    size: int  # bytes: a line that would not fit writes the buffer first
+    flush: float | None  # seconds; None: written only when full, on reopen and at exit
+    gzip: int = 0  # compression level 1-9 (each write one gzip member); 0: plain text
+
+
+# Without buffer= or gzip nginx writes each line at once; forklb buffers anyway
+# (a system call per request costs more than the line), as "buffer=64k flush=1s".
+DEFAULT_LOG_BUFFER = LogBuffer(64 * 1024, 1.0)
+
+
+@dataclass(frozen=True, slots=True)
 class AccessLog:
     path: str
     format: LogFormat
+    buffer: LogBuffer | None = None  # None: not given here (the file's, or the default)
+    condition: Template | None = None  # if=: not logged when "" or "0"
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,13 +21,14 @@ import os
 import signal
 import socket as stdlib_socket
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 from forklb.child import drop_privileges, reset_signals, start_gevent, watch_master
-from forklb.log import AccessLogFile, ErrorLog
+from forklb.log import AccessLogFile, ErrorLog, conditional
 from forklb.metrics.recorder import metrics_gauges, metrics_recorder
-from forklb.model import Config, Location, Server, show_address
+from forklb.model import DEFAULT_LOG_BUFFER, Config, Location, LogBuffer, Server, show_address
 from forklb.scoreboard import Scoreboard
 from forklb.upstream.shared import SharedUpstreamState
 
@@ -250,18 +251,17 @@ class Worker:
         mime = dict(http.mime_types)
         self.locations: dict[int, LocationRuntime] = {}
         self.matchers: dict[int, LocationMatcher] = {}
-        self.access_files: dict[str, AccessLogFile] = {}
+        self.access_files = _access_files(http.servers)
         # id(location) -> its access logs, as (render a line, the file) pairs
         self.log_writers: dict[int, tuple] = {}
         for server in http.servers:
             self.matchers[id(server)] = LocationMatcher(server.locations)
             for loc in server.locations:
                 self.locations[id(loc)] = LocationRuntime(loc, self.groups, mime)
-                for al in loc.access_log:
-                    if al.path not in self.access_files:
-                        self.access_files[al.path] = AccessLogFile(al.path)
                 self.log_writers[id(loc)] = tuple(
-                    (al.format.render, self.access_files[al.path]) for al in loc.access_log)
+                    (al.format.render if al.condition is None
+                     else conditional(al.format.render, al.condition),
+                     self.access_files[al.path]) for al in loc.access_log)
         self.listeners: dict[tuple[str, int], Listener] = {}
         for listen in self.config.listen_addresses():
             members: list[tuple[Server, tuple[str, ...], bool]] = []
@@ -323,7 +323,9 @@ class Worker:
         self.exit_event = Event()
         gevent.spawn(watch_master, self.life_fd, self._master_gone)
         gevent.spawn(self._keep_time)
-        gevent.spawn(self._flush_access_logs_periodically)
+        for log in self.access_files.values():
+            if log.buffer.flush:
+                gevent.spawn(self._flush_periodically, log, log.buffer.flush)
         gevent.spawn(self._heartbeat)
         gevent.spawn(metrics_gauges, self)
         # Everything built so far lives as long as the worker: move it out of the
@@ -378,10 +380,11 @@ class Worker:
         self.stats.request(ex)
         loc = ex.location or ex.conn.listener.fallback
         for render, log in self.log_writers[id(loc)]:
-            lines = log.lines
-            lines.append(render(ex))
-            if len(lines) >= log.FLUSH_LINES:
-                log.flush()
+            line = render(ex)
+            log.lines.append(line)
+            log.size += len(line)
+            if log.size >= log.limit:
+                log.spill()
 
     # -- stopping --
     def graceful_stop(self) -> None:
@@ -436,12 +439,15 @@ class Worker:
         for f in getattr(self, "access_files", {}).values():
             f.flush()
 
-    def _flush_access_logs_periodically(self) -> None:
+    @staticmethod
+    def _flush_periodically(log: AccessLogFile, interval: float) -> None:
+        """Greenlet body: no line waits in ``log``'s buffer longer than ``interval``
+        (access_log's flush=)."""
         import gevent
 
         while True:
-            gevent.sleep(1.0)
-            self._flush_logs()
+            gevent.sleep(interval)
+            log.flush()
 
     def _keep_time(self) -> None:
         """Format the time at the start of every second (nginx updates its cached
@@ -469,3 +475,15 @@ class Worker:
 
 def run(*args, **kwargs) -> None:
     Worker(*args, **kwargs).run()
+
+
+def _access_files(servers: Iterable[Server]) -> dict[str, AccessLogFile]:
+    """One open file per access log path, buffered as the access_log lines that
+    name it say (the loader has checked that those agree), else by default."""
+    buffers: dict[str, LogBuffer] = {}
+    for server in servers:
+        for loc in server.locations:
+            for al in loc.access_log:
+                if al.buffer is not None or al.path not in buffers:
+                    buffers[al.path] = al.buffer or DEFAULT_LOG_BUFFER
+    return {path: AccessLogFile(path, buffer) for path, buffer in buffers.items()}

@@ -20,7 +20,7 @@ import pytest
 
 from forklb.config import ConfigError, load, loader
 from forklb.config import directives as D
-from forklb.model import Config, Listen, Location, Server
+from forklb.model import Config, Listen, Location, LogBuffer, Server
 
 REPO = Path(__file__).resolve().parent.parent
 _REAL_GETADDRINFO = socket.getaddrinfo
@@ -645,6 +645,74 @@ def test_log_format_may_follow_access_log(tmp_path: Path) -> None:
     assert loc.access_log[0].format.name == "late"
 
 
+def test_access_log_without_buffer_parameters_has_none(tmp_path: Path) -> None:
+    (log,) = location(tmp_path, "access_log a.log;").access_log
+    assert (log.buffer, log.condition) == (None, None)
+
+
+@pytest.mark.parametrize(
+    ("params", "buffer"),
+    [
+        ("buffer=32k", LogBuffer(32 * 1024, None, 0)),
+        ("buffer=4096 flush=5m", LogBuffer(4096, 300.0, 0)),
+        ("buffer=1m flush=500ms", LogBuffer(1024 * 1024, 0.5, 0)),
+        ("gzip", LogBuffer(64 * 1024, None, 1)),  # nginx: 64K and level 1
+        ("gzip=9 flush=1s", LogBuffer(64 * 1024, 1.0, 9)),
+        ("buffer=8k gzip=5", LogBuffer(8192, None, 5)),
+        ("gzip buffer=8k", LogBuffer(8192, None, 1)),  # a later buffer= wins
+    ],
+)
+def test_access_log_buffer_parameters(tmp_path: Path, params: str, buffer: LogBuffer) -> None:
+    (log,) = location(tmp_path, f"access_log a.log combined {params};").access_log
+    assert log.buffer == buffer
+
+
+def test_access_log_condition_is_a_template(tmp_path: Path) -> None:
+    (log,) = location(tmp_path, "access_log a.log combined if=$arg_log;").access_log
+    assert log.condition is not None
+    assert log.condition.render(ctx(args="log=1")) == "1"
+
+
+@pytest.mark.parametrize(
+    ("directive", "message"),
+    [
+        ("access_log a.log combined buffer=0;", 'invalid buffer size "0"'),
+        ("access_log a.log combined buffer=12q;", 'invalid buffer size "12q"'),
+        ("access_log a.log combined buffer=4k flush=0;", 'invalid flush time "0"'),
+        ("access_log a.log combined buffer=4k flush=x;", 'invalid flush time "x"'),
+        ("access_log a.log combined gzip=0;", 'invalid compression level "0"'),
+        ("access_log a.log combined gzip=10;", 'invalid compression level "10"'),
+        ("access_log a.log combined gzip=+1;", 'invalid compression level "+1"'),
+        ("access_log a.log combined gzipx;", 'invalid parameter "gzipx"'),
+        ("access_log a.log combined buffer;", 'invalid parameter "buffer"'),
+        ("access_log a.log combined mode=0600;", 'invalid parameter "mode=0600"'),
+        ("access_log a.log combined flush=1s;", 'no buffer is defined for access_log "a.log"'),
+        ("access_log off combined;", 'invalid parameter "combined"'),
+        # parameters come after a format, as in nginx
+        ("access_log a.log buffer=4k;", 'unknown log format "buffer=4k"'),
+        ("access_log a.log combined if=$nosuch;", 'unknown "nosuch" variable'),
+    ],
+)
+def test_access_log_parameter_errors(tmp_path: Path, directive: str, message: str) -> None:
+    text = server(f"location / {{\n{directive}\n}}")
+    assert str(load_error(tmp_path, text)) == f"{message} in nginx.conf:{line_of(text, directive)}"
+
+
+def test_access_log_buffers_must_agree_for_one_file(tmp_path: Path) -> None:
+    text = server("location / { access_log a.log combined buffer=4k; }\n"
+                  "location /b { access_log a.log combined buffer=8k; }")
+    assert str(load_error(tmp_path, text)) == (
+        'access_log "a.log" already defined with conflicting parameters in nginx.conf:'
+        f'{line_of(text, "buffer=8k")}')
+    # the same parameters, or none, share the one buffer
+    same = server("location / { access_log a.log combined buffer=4k flush=2s; }\n"
+                  "location /b { access_log a.log combined buffer=4k flush=2s; }\n"
+                  "location /c { access_log a.log; }")
+    locations = load_text(tmp_path, same).http.servers[0].locations
+    assert [(loc.pattern, loc.access_log[0].buffer) for loc in locations[:3]] == [
+        ("/", LogBuffer(4096, 2.0)), ("/b", LogBuffer(4096, 2.0)), ("/c", None)]
+
+
 # -- MIME types -----------------------------------------------------------------
 
 
@@ -751,7 +819,7 @@ def test_directive_not_allowed_here(tmp_path: Path, text: str, name: str, needle
         (http("upstream { server 127.0.0.1; }"), "upstream", "upstream"),
         (http("upstream u { server; }"), "server", "server;"),
         (http("log_format main;"), "log_format", "log_format"),
-        (http("access_log a b c;"), "access_log", "access_log"),
+        (http("access_log;"), "access_log", "access_log"),
         (server("server_name;"), "server_name", "server_name"),
         ("error_log a b c;\nevents {}\n", "error_log", "error_log"),
     ],

@@ -15,7 +15,8 @@ import pytest
 from forklb.http import protocol
 from forklb.http.connection import Exchange
 from forklb.http.variables import compile_template
-from forklb.log import AccessLogFile, line_renderer
+from forklb.log import AccessLogFile, conditional, line_renderer
+from forklb.model import LogBuffer
 
 COMBINED = ('$remote_addr - $remote_user [$time_local] "$request" $status $body_bytes_sent '
             '"$http_referer" "$http_user_agent"')
@@ -137,3 +138,39 @@ def test_log_file_writes_the_lines_on_flush(tmp_path) -> None:
     f.flush()
     assert (tmp_path / "logs" / "a.log").read_bytes() == b"/x\xe9 \xe9\n/y \xe9\n"
     assert f.lines == []
+
+
+def _append(f: AccessLogFile, text: str) -> None:
+    """What a worker does with each line (Worker.access_log)."""
+    f.lines.append(text)
+    f.size += len(text)
+    if f.size >= f.limit:
+        f.spill()
+
+
+def test_buffer_is_written_before_the_line_that_would_not_fit(tmp_path) -> None:
+    path = tmp_path / "a.log"
+    f = AccessLogFile(str(path), LogBuffer(30, None))
+    for text in ("a" * 11 + "\n", "b" * 11 + "\n"):
+        _append(f, text)
+    assert path.read_bytes() == b""
+    _append(f, "c" * 11 + "\n")  # 36 bytes: the first two go, this one waits
+    assert path.read_bytes() == b"a" * 11 + b"\n" + b"b" * 11 + b"\n"
+    assert (f.lines, f.size) == (["c" * 11 + "\n"], 12)
+
+
+def test_a_line_longer_than_the_buffer_goes_at_once(tmp_path) -> None:
+    path = tmp_path / "a.log"
+    f = AccessLogFile(str(path), LogBuffer(30, None))
+    _append(f, "a" * 9 + "\n")
+    _append(f, "b" * 39 + "\n")
+    assert path.read_bytes() == b"a" * 9 + b"\n" + b"b" * 39 + b"\n"
+    assert (f.lines, f.size) == ([], 0)
+
+
+def test_conditional_render_writes_nothing_for_empty_or_zero() -> None:
+    render = conditional(line_renderer(compile_template("$http_x_log"), end="\n"),
+                         compile_template("$http_x_log"))
+    lines = [render(exchange(header_map=h)) for h in ({"x-log": "yes"}, {"x-log": "0"},
+                                                      {"x-log": ""}, {})]
+    assert lines == ["yes\n", "", "", ""]

@@ -83,7 +83,8 @@ TABLE: tuple[Spec, ...] = (
     _spec("types", [HTTP, SERVER, LOCATION], 0, block=TYPES, multiple=True),
     _spec("default_type", _HTTP_LEVELS, 1, check="string(default=text/plain)", inherit=True),
     _spec("log_format", [HTTP], (2, ANY), check="log_format()", multiple=True),
-    _spec("access_log", _HTTP_LEVELS, (1, 2), check="access_log()", multiple=True, inherit=True),
+    _spec("access_log", _HTTP_LEVELS, (1, ANY), check="access_log()", multiple=True,
+          inherit=True),
     _spec("keepalive_timeout", _HTTP_LEVELS, (1, 2), check="keepalive_timeout(default=75s)",
           inherit=True),
     _spec("keepalive_requests", _HTTP_LEVELS, 1, check="count(min=1, default=1000)",
@@ -428,12 +429,53 @@ def _header_buffers(value):
     return (int(number), nbytes)
 
 
+LOG_GZIP_BUFFER = 64 * 1024  # nginx's buffer for a gzip log given no buffer=
+
+
 def _access_log(value):
+    """``access_log off`` -> None; ``access_log PATH [FORMAT [buffer=SIZE] [gzip[=LEVEL]]
+    [flush=TIME] [if=CONDITION]]`` -> (path, format, buffer size, flush seconds, gzip
+    level, condition text), 0 (or None) for what is not given, as
+    ``ngx_http_log_set_log`` reads them."""
     value = [value] if isinstance(value, str) else value
-    path = value[0]
+    path, *rest = value
     if path == "off":
+        if rest:
+            raise DirectiveError(f'invalid parameter "{rest[0]}"')
         return None
-    return (path, value[1] if len(value) > 1 else "combined")
+    fmt = rest[0] if rest else "combined"
+    size, flush, gzip, condition = 0, 0.0, 0, None
+    for param in rest[1:]:
+        name, eq, arg = param.partition("=")
+        if name == "buffer" and eq:
+            size = _log_parameter(parse_size, arg, "invalid buffer size")
+        elif name == "flush" and eq:
+            flush = _log_parameter(parse_time, arg, "invalid flush time")
+        elif name == "gzip":
+            size = size or LOG_GZIP_BUFFER
+            gzip = 1  # nginx's Z_BEST_SPEED
+            if eq:
+                gzip = int(arg) if _DIGITS.fullmatch(arg) else 0
+                if not 1 <= gzip <= 9:
+                    raise DirectiveError(f'invalid compression level "{arg}"')
+        elif name == "if" and eq:
+            condition = arg
+        else:
+            raise DirectiveError(f'invalid parameter "{param}"')
+    if flush and not size:
+        raise DirectiveError(f'no buffer is defined for access_log "{path}"')
+    return (path, fmt, size, flush, gzip, condition)
+
+
+def _log_parameter(parse, text: str, error: str):
+    """``parse(text)``, which must be above zero; else ``error "text"``."""
+    try:
+        value = parse(text)
+    except DirectiveError:
+        value = 0
+    if not value:
+        raise DirectiveError(f'{error} "{text}"')
+    return value
 
 
 def _upstream_server(value):

@@ -45,6 +45,7 @@ from forklb.model import (
     Http,
     Listen,
     Location,
+    LogBuffer,
     LogFormat,
     Main,
     ProxyPass,
@@ -195,6 +196,7 @@ class _Builder:
         self.prefix = prefix
         # named captures of every server_name/location regex: variables, as in nginx
         self.captures: frozenset[str] = _capture_names(root)
+        self.log_buffers: dict[str, LogBuffer] = {}  # access log path -> its buffer=...
         self.log_formats: dict[str, LogFormat] = {"combined": self._log_format("combined",
                                                                                  COMBINED, None)}
         self.upstreams: dict[str, Upstream] = {}
@@ -595,10 +597,19 @@ class _Builder:
         for ad, entry in zip(where, entries, strict=True):
             if entry is None:  # access_log off
                 return ()
-            path, fmt = entry
+            path, fmt, size, flush, gzip, condition = entry
             if fmt not in self.log_formats:
                 raise _fail(f'unknown log format "{fmt}"', ad)
-            logs.append(AccessLog(self.abs(path), self.log_formats[fmt]))
+            path = self.abs(path)
+            buffer = None
+            if size:
+                # one buffer per file: every access_log that sets one must agree
+                buffer = LogBuffer(size, flush or None, gzip)
+                if self.log_buffers.setdefault(path, buffer) != buffer:
+                    raise _fail(f'access_log "{entry[0]}" already defined with conflicting '
+                                "parameters", ad)
+            logs.append(AccessLog(path, self.log_formats[fmt], buffer,
+                                  None if condition is None else self._template(condition, ad)))
         return tuple(logs)
 
     def _proxy_pass(self, value: tuple, d: Directive, modifier: str) -> ProxyPass:
