@@ -274,7 +274,7 @@ def line_renderer(template, escape: str = "default", end: str = ""):
         elif kind == "clock":
             line.append(f"{{clock.{path}}}")
         elif kind == "request":  # as Exchange.request_line; the method is a token
-            body.append(f"{v} = r.target_raw.decode('latin-1')")
+            body.append(f"{v} = (r.target_received or r.target_raw).decode('latin-1')")
             texts.append(v)
             m = "(r.request_method_b or r.method_b)"
             line.append(f'{{methods.get({m}) or {m}.decode("latin-1")}} {{{v}}} HTTP/{{r.version}}')

@@ -11,7 +11,7 @@ from __future__ import annotations
 import gzip
 import time
 
-from harness import free_port, http_request, wait_for
+from harness import free_port, http_request, raw_exchange, wait_for
 
 
 def _start(forklb_factory, access_log: str):
@@ -80,3 +80,27 @@ def test_condition_keeps_requests_out(forklb_factory):
     wait_for(lambda: log.read_bytes().count(b"\n") == 2, 5)
     time.sleep(1.2)  # a second flush adds nothing
     assert log.read_bytes() == b"/a?log=1\n/e?log=yes\n"
+
+
+def test_absolute_form_request_is_logged_as_received(forklb_factory):
+    """$request is the request line the client sent (nginx's r->request_line),
+    $request_uri the path forklb goes on with."""
+    port = free_port()
+    lb = forklb_factory(f"""
+worker_processes 1;
+events {{ }}
+http {{
+    log_format both '$request|$request_uri|$host';
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{ return 200 "ok\\n"; access_log logs/a.log both; }}
+    }}
+}}
+""")
+    lb.start(wait_ports=[port], workers=1)
+    reply = raw_exchange(port, b"GET http://Example.org:8080/x?a=1 HTTP/1.1\r\nHost: other\r\n"
+                               b"Connection: close\r\n\r\n")
+    assert reply.startswith(b"HTTP/1.1 200 "), reply
+    log = lb.path("logs/a.log")
+    wait_for(lambda: log.read_bytes() != b"", 5)
+    assert log.read_bytes() == b"GET http://Example.org:8080/x?a=1 HTTP/1.1|/x?a=1|example.org\n"

@@ -71,6 +71,9 @@ class Exchange:
     """
 
     target_raw = b""
+    # an absolute-form target (http://host/path) as received: $request shows it,
+    # as nginx does, while target_raw becomes its path
+    target_received: bytes | None = None
     headers_done = False
     complete = False
     method_b = b""
@@ -138,7 +141,8 @@ class Exchange:
     @property
     def request_line(self) -> str:
         method = self.request_method_b or self.method_b
-        return f"{method.decode('latin-1')} {self.target_raw.decode('latin-1')} HTTP/{self.version}"
+        target = self.target_received or self.target_raw
+        return f"{method.decode('latin-1')} {target.decode('latin-1')} HTTP/{self.version}"
 
     @property
     def remote_addr(self) -> str:
@@ -906,8 +910,8 @@ class ClientConnection:
                 raise BadRequest(400, "client sent invalid request target")
             authority, slash, path = rest.partition(b"/")
             host_header = authority
-            target = slash + path
-            ex.target_raw = target or b"/"
+            ex.target_received = target
+            ex.target_raw = slash + path or b"/"
         elif host_header is None and ex.version == "1.1":
             raise BadRequest(400, "client sent HTTP/1.1 request without \"Host\" header")
         # A fragment is no part of the URI or args (nginx drops it; RFC 9112 3.2 has none).
