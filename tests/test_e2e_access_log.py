@@ -14,13 +14,14 @@ import time
 from harness import free_port, http_request, raw_exchange, wait_for
 
 
-def _start(forklb_factory, access_log: str):
+def _start(forklb_factory, access_log: str, log_format: str = "$request_uri"):
+    """forklb answering 200 at / with ``access_log``; its format ``f`` is ``log_format``."""
     port = free_port()
     lb = forklb_factory(f"""
 worker_processes 1;
 events {{ }}
 http {{
-    log_format uri '$request_uri';
+    log_format f '{log_format}';
     server {{
         listen 127.0.0.1:{port};
         location / {{ return 200 "ok\\n"; {access_log} }}
@@ -37,7 +38,7 @@ def _get(port: int, *paths: str) -> None:
 
 
 def test_gzip_log_is_readable_gzip_members(forklb_factory):
-    lb, port = _start(forklb_factory, "access_log logs/a.log.gz uri gzip=6 flush=200ms;")
+    lb, port = _start(forklb_factory, "access_log logs/a.log.gz f gzip=6 flush=200ms;")
     log = lb.path("logs/a.log.gz")
     _get(port, "/one", "/two")
     wait_for(lambda: log.exists() and log.stat().st_size > 0, 5)
@@ -53,7 +54,7 @@ def test_gzip_log_is_readable_gzip_members(forklb_factory):
 def test_buffer_without_flush_waits_until_reopen(forklb_factory):
     """nginx writes a buffer= log only when the buffer is full, on reopen and at
     exit: no timer (forklb's default buffering has one, every second)."""
-    lb, port = _start(forklb_factory, "access_log logs/a.log uri buffer=64k;")
+    lb, port = _start(forklb_factory, "access_log logs/a.log f buffer=64k;")
     log = lb.path("logs/a.log")
     _get(port, "/held")
     time.sleep(2.5)
@@ -64,7 +65,7 @@ def test_buffer_without_flush_waits_until_reopen(forklb_factory):
 
 def test_small_buffer_is_written_when_the_next_line_would_not_fit(forklb_factory):
     # lines "/0000000001\n" are 12 bytes: a 30-byte buffer holds two
-    lb, port = _start(forklb_factory, "access_log logs/a.log uri buffer=30;")
+    lb, port = _start(forklb_factory, "access_log logs/a.log f buffer=30;")
     log = lb.path("logs/a.log")
     _get(port, *(f"/{i:010d}" for i in range(1, 6)))
     wait_for(lambda: log.read_bytes().count(b"\n") == 4, 5)
@@ -74,7 +75,7 @@ def test_small_buffer_is_written_when_the_next_line_would_not_fit(forklb_factory
 
 
 def test_condition_keeps_requests_out(forklb_factory):
-    lb, port = _start(forklb_factory, "access_log logs/a.log uri if=$arg_log;")
+    lb, port = _start(forklb_factory, "access_log logs/a.log f if=$arg_log;")
     log = lb.path("logs/a.log")
     _get(port, "/a?log=1", "/b", "/c?log=0", "/d?log=", "/e?log=yes")
     wait_for(lambda: log.read_bytes().count(b"\n") == 2, 5)
@@ -85,19 +86,8 @@ def test_condition_keeps_requests_out(forklb_factory):
 def test_absolute_form_request_is_logged_as_received(forklb_factory):
     """$request is the request line the client sent (nginx's r->request_line),
     $request_uri the path forklb goes on with."""
-    port = free_port()
-    lb = forklb_factory(f"""
-worker_processes 1;
-events {{ }}
-http {{
-    log_format both '$request|$request_uri|$host';
-    server {{
-        listen 127.0.0.1:{port};
-        location / {{ return 200 "ok\\n"; access_log logs/a.log both; }}
-    }}
-}}
-""")
-    lb.start(wait_ports=[port], workers=1)
+    lb, port = _start(forklb_factory, "access_log logs/a.log f;",
+                      log_format="$request|$request_uri|$host")
     reply = raw_exchange(port, b"GET http://Example.org:8080/x?a=1 HTTP/1.1\r\nHost: other\r\n"
                                b"Connection: close\r\n\r\n")
     assert reply.startswith(b"HTTP/1.1 200 "), reply
