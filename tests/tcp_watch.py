@@ -3,17 +3,17 @@ connection, when it was first seen held and when it was last seen held.
 
 Run as ``tcp_watch.py PORT PERIOD``.  It samples ``/proc/net/tcp`` every PERIOD
 seconds, prints ``ready`` after the first sample, and on SIGTERM prints one JSON
-object: ``{"longest_gap": seconds, "majflt": count, "connections": [[client port,
-first, last], ...]}``
-with ``time.monotonic()`` times (the system's monotonic clock, so a parent
-process can compare them with its own).
+object: ``{"longest_gap": seconds, "majflt": pages read back from disk,
+"connections": [[client port, first, last], ...]}`` with ``time.monotonic()``
+times (the system's monotonic clock, so a parent process can compare them with
+its own).
 
 It runs as a process of its own so that the test's threads cannot delay it, the
 test starts it under SCHED_FIFO, and it locks its memory: on a loaded machine a
 sampler at normal priority was seen to pause for more than 2 s and miss whole
-connections, and under SCHED_FIFO it still paused for up to 2 s in CI, where
-this machine's page cache is reclaimed on its own (a page of the interpreter
-read back from disk).  ``majflt`` in the output counts such reads.  It reads
+connections.  Even so, CI runs have shown pauses of 1.6-2.1 s with no page read
+back from disk (``majflt`` 0), which looks like the whole virtual machine
+stopping: ``longest_gap`` reports them, so the test can allow for them.  It reads
 ``/proc/net/tcp`` itself because psutil's ``net_connections`` also maps every
 socket to its process, which costs a pass over every process's descriptors.
 """
