@@ -196,18 +196,18 @@ class UpstreamGroup:
         (:meth:`UpstreamView.lock`): without it two workers could both see a
         peer's last connection free and both take it."""
         if not self.limited:
-            index = choice.next()
-            if index is not None:
-                self.acquire(index)
-            return index
+            return self._take(choice)
         view = self.view
         view.lock()
         try:
-            index = choice.next()
-            if index is not None:
-                self.acquire(index)
+            return self._take(choice)
         finally:
             view.unlock()
+
+    def _take(self, choice: Choice) -> int | None:
+        index = choice.next()
+        if index is not None:
+            self.acquire(index)
         return index
 
     def acquire(self, i: int) -> None:
